@@ -1,0 +1,142 @@
+"""The ``twistd neurotrale`` command line (:class:`Options`) and the service it builds.
+
+Shaped like Twisted's own ``twistd web``: repeatable ``--listen`` endpoint descriptions
+with a default filled in by ``postOptions``, and :func:`makeService` building a
+``MultiService`` with one ``strports`` service per endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, cast
+
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from .http import CorsPolicy, HttpSettings, NeurotraleSite
+from .paths import DataRoot
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:9000"
+DEFAULT_ROOT = "/data"
+
+
+def default_threads() -> int:
+    """Threads for decoding and writing: enough to keep every core and the disks busy."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value} is not a positive integer")
+    return number
+
+
+class Options(usage.Options):
+    """Options of ``twistd neurotrale``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve Neuroglancer precomputed image chunks decoded from TIFF files, and the "
+        "NeuroTrALE annotation files, from a directory of datasets."
+    )
+    optParameters: list[list[Any]] = [
+        ["path", "p", None, "The data root (default: $PRECOMPUTED_PATH, else /data)."],
+        ["port", None, None, "Shorthand for --listen tcp:PORT.", _positive],
+        ["workers", "w", 10, "Processes serving requests (1: one process).", _positive],
+        ["threads", None, None, "Threads per process for decoding and writing files.", _positive],
+        ["keep-versions", None, 20, "Earlier versions kept per annotation file.", int],
+        ["max-body", None, 64, "Largest request body accepted, in MiB.", _positive],
+    ]
+    optFlags = [
+        ["follow-symlinks", None, "Let reads follow symbolic links out of the data root."],
+    ]
+    compData = usage.Completions(optActions={"path": usage.CompleteDirs()})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["cors-origin"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on an endpoint: tcp:9000, tcp:9000:interface=127.0.0.1, unix:/run/x.sock,
+        ssl:9443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET:index=0 (repeatable;
+        default tcp:9000)."""
+        self["listen"].append(description)
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """An origin allowed to read answers from a browser (repeatable; default: any, '*')."""
+        self["cors-origin"].append(origin)
+
+    def postOptions(self) -> None:
+        """Fill in the defaults and refuse a data root that cannot be served."""
+        path = self["path"] or os.environ.get("PRECOMPUTED_PATH") or DEFAULT_ROOT
+        if not os.path.isdir(path):
+            raise usage.UsageError(f"the data root {path!r} is not a directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise usage.UsageError(f"the data root {path!r} is not readable")
+        self["path"] = path
+        if self["port"] is not None:
+            self["listen"].append(f"tcp:{self['port']}")
+        if not self["listen"]:
+            self["listen"].append(DEFAULT_LISTEN)
+        if self["keep-versions"] < 0:
+            raise usage.UsageError("--keep-versions must be 0 or more")
+        if self["threads"] is None:
+            self["threads"] = default_threads()
+
+
+class ThreadPoolService(service.Service):
+    """Starts the server's own thread pool with the application and stops it at shutdown."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        """Start the pool's threads."""
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        """Let running jobs finish, then stop the threads."""
+        super().stopService()
+        self.pool.stop()
+
+
+def log_to_file_from_environment() -> None:
+    """Send the log to ``$PRECOMPUTED_LOGGING`` when it names a file."""
+    target = os.environ.get("PRECOMPUTED_LOGGING")
+    if target:
+        stream = open(target, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+        globalLogPublisher.addObserver(textFileLogObserver(stream))
+
+
+def makeService(options: Options) -> service.MultiService:
+    """Build the server: the thread pool, the application, one listener per ``--listen``."""
+    from twisted.internet import reactor
+
+    from .web import Neurotrale
+
+    log_to_file_from_environment()
+    top = service.MultiService()
+    pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="neurotrale")
+    ThreadPoolService(pool).setServiceParent(top)
+    cors = CorsPolicy(tuple(options["cors-origin"]) or ("*",))
+    root = DataRoot(options["path"], follow_symlinks=bool(options["follow-symlinks"]))
+    app = Neurotrale(root, pool, cast(IReactorFromThreads, reactor), keep_versions=options["keep-versions"], cors=cors)
+    settings = HttpSettings(cors=cors, max_body=options["max-body"] * 1024 * 1024)
+    site = NeurotraleSite(app.resource(), settings)
+    for description in options["listen"]:
+        strports.service(description, site).setServiceParent(top)
+    if options["workers"] > 1:
+        log.warn(
+            "--workers {n}: the process pool is not built yet; serving from one process",
+            n=options["workers"],
+        )
+    log.info("serving {root} on {listen}", root=str(root.root), listen=", ".join(options["listen"]))
+    return top

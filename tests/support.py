@@ -1,0 +1,99 @@
+"""Helpers for tests: small precomputed-tif datasets written from arrays, and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+
+def write_info(
+    dataset: Path,
+    size: tuple[int, int, int],
+    dtype: str = "uint16",
+    channels: int = 1,
+    chunk: tuple[int, int, int] = (64, 64, 64),
+    keys: tuple[str, ...] = ("1_1_1",),
+) -> None:
+    """Write an ``info`` file like precomputed-tif's for a volume of ``size`` (x, y, z)."""
+    dataset.mkdir(parents=True, exist_ok=True)
+    scales = [
+        {
+            "chunk_sizes": [list(chunk)],
+            "encoding": "raw",
+            "key": key,
+            "resolution": [1800, 1800, 2000],
+            "size": list(size),
+            "voxel_offset": [0, 0, 0],
+        }
+        for key in keys
+    ]
+    info = {
+        "data_type": dtype,
+        "mesh": "mesh",
+        "num_channels": channels,
+        "scales": scales,
+        "type": "image",
+    }
+    (dataset / "info").write_text(json.dumps(info))
+
+
+def write_chunk(
+    dataset: Path,
+    key: str,
+    box: tuple[int, int, int, int, int, int],
+    array: Any,
+    suffix: str = ".tiff",
+    **imwrite: Any,
+) -> Path:
+    """Write ``array`` as the chunk file of ``box`` = (x0, x1, y0, y1, z0, z1)."""
+    x0, x1, y0, y1, z0, z1 = box
+    directory = dataset / key
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{x0}-{x1}_{y0}-{y1}_{z0}-{z1}{suffix}"
+    imwrite.setdefault("photometric", "minisblack")
+    tifffile.imwrite(path, array, **imwrite)
+    return path
+
+
+def raw_of(volume_czyx: Any) -> bytes:
+    """What the server must send for a (c, z, y, x) array: little-endian, x fastest."""
+    array = np.asarray(volume_czyx)
+    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
+
+
+def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` as is to 127.0.0.1:``port`` and read the answer until the server closes.
+
+    Blocking: call it in a thread when the server runs in this process's reactor.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return b"".join(chunks)
+
+
+async def fetch_raw(url: str, headers: dict[str, str], method: bytes = b"GET") -> tuple[Any, bytes]:
+    """GET ``url`` with Twisted's plain ``Agent``: unlike treq it sends ``Accept-Encoding``
+    exactly as given and hands back the body as it came off the wire."""
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, readBody
+    from twisted.web.http_headers import Headers
+
+    agent = Agent(reactor)  # type: ignore[arg-type]
+    response = await agent.request(
+        method, url.encode(), Headers({k: [v] for k, v in headers.items()})
+    )
+    return response, await readBody(response)

@@ -1,0 +1,180 @@
+"""Chunk names, info files and TIFF decoding, without a server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from neurotrale_twisted.chunks import ChunkName, ChunkSource, InfoCache, decode_tiff, scale_format
+from neurotrale_twisted.errors import NotFound, ServerError
+from neurotrale_twisted.paths import DataRoot
+from tests.support import raw_of, write_chunk, write_info
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("0-64_0-64_0-64", ChunkName(0, 64, 0, 64, 0, 64)),
+        ("64-128_0-64_32-40.tiff", ChunkName(64, 128, 0, 64, 32, 40)),
+        ("1-2_3-4_5-6.tif", ChunkName(1, 2, 3, 4, 5, 6)),
+        ("0-64_0-64", None),
+        ("0-64_0-64_0-64.png", None),
+        ("64-0_0-64_0-64", None),
+        ("5-5_0-1_0-1", None),
+        ("-1-5_0-1_0-1", None),
+        ("0-64_0-64_0-64.tiff.tiff", None),
+        ("info", None),
+    ],
+)
+def test_chunk_names(name: str, expected: ChunkName | None) -> None:
+    assert ChunkName.parse(name) == expected
+
+
+@given(st.tuples(*[st.integers(0, 10**9)] * 3), st.tuples(*[st.integers(1, 4096)] * 3))
+def test_chunk_name_round_trip(start: tuple[int, int, int], extent: tuple[int, int, int]) -> None:
+    (x0, y0, z0), (dx, dy, dz) = start, extent
+    name = ChunkName.parse(f"{x0}-{x0 + dx}_{y0}-{y0 + dy}_{z0}-{z0 + dz}")
+    assert name is not None
+    assert name.shape == (dz, dy, dx)
+    assert ChunkName.parse(name.stem + ".tiff") == name
+
+
+@given(st.text(max_size=40))
+def test_chunk_name_parse_never_raises(text: str) -> None:
+    ChunkName.parse(text)
+
+
+DTYPES = ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "float32", "float64"]
+COMPRESSIONS = [None, "zlib", "lzw", "zstd", "packbits"]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    byteorder=st.sampled_from(["<", ">"]),
+    compression=st.sampled_from(COMPRESSIONS),
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 19), st.integers(1, 23)),
+    channels=st.integers(1, 3),
+    planar=st.sampled_from(["contig", "separate"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_decoded_bytes_are_raw_little_endian_x_fastest(
+    tmp_path_factory: pytest.TempPathFactory,
+    dtype: str,
+    byteorder: str,
+    compression: str | None,
+    shape: tuple[int, int, int],
+    channels: int,
+    planar: str,
+    seed: int,
+) -> None:
+    """Random arrays written as TIFF in any layout decode to exactly the raw encoding."""
+    tmp = tmp_path_factory.mktemp("hyp")
+    rng = np.random.default_rng(seed)
+    z, y, x = shape
+    info = np.iinfo(dtype) if dtype[0] in "ui" else None
+    if info is not None:
+        czyx = rng.integers(info.min, info.max, (channels, z, y, x), dtype=dtype, endpoint=True)
+    else:
+        czyx = rng.standard_normal((channels, z, y, x)).astype(dtype)
+    if channels == 1:
+        on_disk = czyx[0]
+        extra = {}
+    elif planar == "contig":
+        on_disk = np.moveaxis(czyx, 0, -1)  # (z, y, x, c): samples interleaved
+        extra = {"planarconfig": "contig"}
+    else:
+        on_disk = np.moveaxis(czyx, 0, 1)  # (z, c, y, x): one plane per sample
+        extra = {"planarconfig": "separate"}
+    if compression == "packbits" and dtype.endswith("64"):
+        compression = None  # packbits of 64-bit samples is not something tifffile writes
+    path = write_chunk(
+        tmp,
+        "1_1_1",
+        (0, x, 0, y, 0, z),
+        on_disk.astype(on_disk.dtype.newbyteorder(byteorder)),
+        byteorder=byteorder,
+        compression=compression,
+        **extra,
+    )
+    name = ChunkName(0, x, 0, y, 0, z)
+    write_info(tmp, (x, y, z), dtype, channels)
+    fmt = scale_format(json.loads((tmp / "info").read_text()), "1_1_1", tmp)
+    assert decode_tiff(path, name, fmt) == raw_of(czyx)
+
+
+def test_shape_mismatch_is_a_server_error_naming_the_file(tmp_path: Path) -> None:
+    write_info(tmp_path, (64, 64, 64))
+    path = write_chunk(tmp_path, "1_1_1", (0, 64, 0, 64, 0, 64), np.zeros((2, 64, 64), "uint16"))
+    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", tmp_path)
+    with pytest.raises(ServerError, match=str(path)):
+        decode_tiff(path, ChunkName(0, 64, 0, 64, 0, 64), fmt)
+
+
+def test_dtype_mismatch_is_a_server_error_naming_the_file(tmp_path: Path) -> None:
+    write_info(tmp_path, (8, 8, 2), dtype="uint16")
+    path = write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), np.zeros((2, 8, 8), "uint8"))
+    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", tmp_path)
+    with pytest.raises(ServerError, match="data type uint8"):
+        decode_tiff(path, ChunkName(0, 8, 0, 8, 0, 2), fmt)
+
+
+def test_corrupt_tiff_is_a_server_error_naming_the_file(tmp_path: Path) -> None:
+    write_info(tmp_path, (8, 8, 2))
+    path = write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), np.zeros((2, 8, 8), "uint16"))
+    path.write_bytes(path.read_bytes()[:40])
+    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", tmp_path)
+    with pytest.raises(ServerError, match=str(path)):
+        decode_tiff(path, ChunkName(0, 8, 0, 8, 0, 2), fmt)
+
+
+def test_missing_things_are_not_found(tmp_path: Path) -> None:
+    source = ChunkSource(DataRoot(tmp_path))
+    name = ChunkName(0, 8, 0, 8, 0, 2)
+    with pytest.raises(NotFound):
+        source.load(tmp_path / "nothing", "1_1_1", name)
+    write_info(tmp_path / "ds", (8, 8, 2))
+    with pytest.raises(NotFound):
+        source.load(tmp_path / "ds", "2_2_2", name)
+    with pytest.raises(NotFound):
+        source.load(tmp_path / "ds", "1_1_1", name)
+    write_chunk(
+        tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"), suffix=".tif"
+    )
+    assert source.load(tmp_path / "ds", "1_1_1", name).raw == raw_of(np.ones((1, 2, 8, 8), "<u2"))
+
+
+def test_info_is_reread_when_it_changes(tmp_path: Path) -> None:
+    cache = InfoCache()
+    write_info(tmp_path, (8, 8, 2), dtype="uint16")
+    assert cache.read(tmp_path)["data_type"] == "uint16"
+    write_info(tmp_path, (8, 8, 2), dtype="uint8")  # different size: always seen
+    assert cache.read(tmp_path)["data_type"] == "uint8"
+
+
+def test_client_with_current_etag_skips_decoding(tmp_path: Path) -> None:
+    write_info(tmp_path, (8, 8, 2))
+    write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"))
+    source = ChunkSource(DataRoot(tmp_path))
+    name = ChunkName(0, 8, 0, 8, 0, 2)
+    first = source.load(tmp_path, "1_1_1", name)
+    again = source.load(tmp_path, "1_1_1", name, lambda etag: etag == first.etag)
+    assert again.raw is None and again.etag == first.etag
+
+
+def test_big_endian_file_is_served_little_endian(tmp_path: Path) -> None:
+    volume = np.arange(2 * 3 * 4, dtype=">u2").reshape(2, 3, 4)
+    path = write_chunk(tmp_path, "1_1_1", (0, 4, 0, 3, 0, 2), volume, byteorder=">")
+    with tifffile.TiffFile(path) as tif:
+        assert tif.byteorder == ">"
+    write_info(tmp_path, (4, 3, 2))
+    raw = ChunkSource(DataRoot(tmp_path)).load(tmp_path, "1_1_1", ChunkName(0, 4, 0, 3, 0, 2)).raw
+    assert raw == np.arange(24, dtype="<u2").tobytes()

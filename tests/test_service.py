@@ -1,0 +1,100 @@
+"""The ``twistd neurotrale`` options and the service they build (no server started)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.application import internet
+from twisted.python import usage
+
+from neurotrale_twisted.service import DEFAULT_LISTEN, Options, ThreadPoolService, makeService
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRECOMPUTED_PATH", str(tmp_path))
+    options = parse()
+    assert options["path"] == str(tmp_path)
+    assert options["listen"] == [DEFAULT_LISTEN] == ["tcp:9000"]
+    assert options["workers"] == 10
+    assert options["keep-versions"] == 20
+    assert options["cors-origin"] == []
+    assert not options["follow-symlinks"]
+
+
+def test_path_option_beats_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRECOMPUTED_PATH", "/nonexistent")
+    assert parse("--path", str(tmp_path))["path"] == str(tmp_path)
+    assert parse("-p", str(tmp_path))["path"] == str(tmp_path)
+
+
+def test_default_root_is_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PRECOMPUTED_PATH", raising=False)
+    if os.path.isdir("/data"):
+        pytest.skip("this machine has a /data directory")
+    with pytest.raises(usage.UsageError, match="'/data' is not a directory"):
+        parse()
+
+
+def test_refuses_a_root_that_is_not_a_readable_directory(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="is not a directory"):
+        parse("--path", str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(usage.UsageError, match="is not a directory"):
+        parse("--path", str(tmp_path / "file"))
+    if os.geteuid() != 0:  # root reads everything
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0)
+        with pytest.raises(usage.UsageError, match="is not readable"):
+            parse("--path", str(locked))
+
+
+def test_listen_and_port(tmp_path: Path) -> None:
+    options = parse(
+        "--path",
+        str(tmp_path),
+        "--listen",
+        "tcp:8001:interface=127.0.0.1",
+        "--listen",
+        "unix:/tmp/x.sock",
+        "--port",
+        "8002",
+    )
+    assert options["listen"] == ["tcp:8001:interface=127.0.0.1", "unix:/tmp/x.sock", "tcp:8002"]
+    assert parse("--path", str(tmp_path), "--port", "8003")["listen"] == ["tcp:8003"]
+
+
+def test_bad_numbers_are_refused(tmp_path: Path) -> None:
+    for args in (
+        ["--workers", "0"],
+        ["--port", "x"],
+        ["--max-body", "-1"],
+        ["--keep-versions", "-2"],
+    ):
+        with pytest.raises(usage.UsageError):
+            parse("--path", str(tmp_path), *args)
+
+
+def test_make_service_has_a_pool_and_one_listener_per_endpoint(tmp_path: Path) -> None:
+    options = parse(
+        "--path",
+        str(tmp_path),
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--listen",
+        f"unix:{tmp_path}/s.sock",
+        "--cors-origin",
+        "https://a.example",
+    )
+    top = makeService(options)
+    services = list(top)
+    assert sum(isinstance(s, ThreadPoolService) for s in services) == 1
+    listeners = [s for s in services if isinstance(s, internet.StreamServerEndpointService)]
+    assert len(listeners) == 2
