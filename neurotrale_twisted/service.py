@@ -128,7 +128,13 @@ def makeService(options: Options) -> service.MultiService:
     ThreadPoolService(pool).setServiceParent(top)
     cors = CorsPolicy(tuple(options["cors-origin"]) or ("*",))
     root = DataRoot(options["path"], follow_symlinks=bool(options["follow-symlinks"]))
-    app = Neurotrale(root, pool, cast(IReactorFromThreads, reactor), keep_versions=options["keep-versions"], cors=cors)
+    app = Neurotrale(
+        root,
+        pool,
+        cast(IReactorFromThreads, reactor),
+        keep_versions=options["keep-versions"],
+        cors=cors,
+    )
     settings = HttpSettings(cors=cors, max_body=options["max-body"] * 1024 * 1024)
     site = NeurotraleSite(app.resource(), settings)
     for description in options["listen"]:

@@ -11,7 +11,7 @@ import html
 import os
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -267,8 +267,8 @@ class Neurotrale:
         dataset_dir = self.root.for_reading(segments)
         store = self.annotations
         version = _query(request, b"version")
-        want_list = b"versions" in request.args  # type: ignore[attr-defined]
-        if version is not None and not version.isdigit():
+        want_list = b"versions" in _query_names(request)
+        if version is not None and not (version.isascii() and version.isdigit()):
             raise BadRequest("?version= must be a positive integer")
 
         def read() -> Any:
@@ -351,6 +351,15 @@ class Neurotrale:
 def _header(request: IRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     return None if value is None else value.decode("latin-1")
+
+
+def _query_names(request: IRequest) -> set[bytes]:
+    """The names in the query string, including bare ones such as ``?versions``.
+
+    Twisted's ``request.args`` drops a name that has no ``=``.
+    """
+    _, _, query = request.uri.partition(b"?")
+    return {unquote_to_bytes(item.partition(b"=")[0]) for item in query.split(b"&") if item}
 
 
 def _query(request: IRequest, name: bytes) -> str | None:
