@@ -8,16 +8,20 @@ with a default filled in by ``postOptions``, and :func:`makeService` building a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from .http import CorsPolicy, HttpSettings, NeurotraleSite
+from .http import CorsPolicy, HttpSettings
+from .metrics import ServerMetrics
 from .paths import DataRoot
+from .serving import ServingSite
 
 log = Logger()
 
@@ -55,6 +59,7 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["follow-symlinks", None, "Let reads follow symbolic links out of the data root."],
+        ["trust-proxy", None, "Log the client address a reverse proxy sends in X-Forwarded-For."],
     ]
     compData = usage.Completions(optActions={"path": usage.CompleteDirs()})
 
@@ -92,20 +97,28 @@ class Options(usage.Options):
 
 
 class ThreadPoolService(service.Service):
-    """Starts the server's own thread pool with the application and stops it at shutdown."""
+    """Starts the server's own thread pool with the application and stops it at shutdown.
+
+    ``drained``, when set, is waited for before the pool stops: the requests in flight
+    still need the pool to be answered.
+    """
 
     def __init__(self, pool: ThreadPool) -> None:
         self.pool = pool
+        self.drained: Callable[[], Deferred[None]] | None = None
 
     def startService(self) -> None:
         """Start the pool's threads."""
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
         """Let running jobs finish, then stop the threads."""
         super().stopService()
-        self.pool.stop()
+        if self.drained is None:
+            self.pool.stop()
+            return None
+        return self.drained().addCallback(lambda _: self.pool.stop())
 
 
 def log_to_file_from_environment() -> None:
@@ -121,11 +134,14 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     from .web import Neurotrale
+    from .workers import WORKER_KEY, serve
 
     log_to_file_from_environment()
     top = service.MultiService()
     pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="neurotrale")
-    ThreadPoolService(pool).setServiceParent(top)
+    threads = ThreadPoolService(pool)
+    threads.setServiceParent(top)
+    metrics = ServerMetrics()
     cors = CorsPolicy(tuple(options["cors-origin"]) or ("*",))
     root = DataRoot(options["path"], follow_symlinks=bool(options["follow-symlinks"]))
     app = Neurotrale(
@@ -134,15 +150,16 @@ def makeService(options: Options) -> service.MultiService:
         cast(IReactorFromThreads, reactor),
         keep_versions=options["keep-versions"],
         cors=cors,
+        metrics=metrics,
     )
     settings = HttpSettings(cors=cors, max_body=options["max-body"] * 1024 * 1024)
-    site = NeurotraleSite(app.resource(), settings)
-    for description in options["listen"]:
-        strports.service(description, site).setServiceParent(top)
-    if options["workers"] > 1:
-        log.warn(
-            "--workers {n}: the process pool is not built yet; serving from one process",
-            n=options["workers"],
-        )
+    site = ServingSite(
+        app.resource(),
+        settings,
+        metrics,
+        worker=(options.get(WORKER_KEY) or {}).get("index", 0),
+        trust_proxy=bool(options["trust-proxy"]),
+    )
+    serve(options, site, top, threads)
     log.info("serving {root} on {listen}", root=str(root.root), listen=", ".join(options["listen"]))
     return top

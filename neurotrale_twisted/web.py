@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import os
+import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import quote, unquote_to_bytes
@@ -31,6 +32,7 @@ from .annotations import AnnotationStore
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
 from .datasets import find_datasets
 from .errors import BadRequest, DomainError, NotFound
+from .health import Health, check_data_root
 from .http import (
     CorsPolicy,
     JsonErrorResource,
@@ -43,6 +45,8 @@ from .http import (
     none_match,
     single_range,
 )
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ServerMetrics
 from .paths import DataRoot, clean_segments, is_within
 
 log = Logger()
@@ -134,6 +138,7 @@ class Neurotrale:
         reactor: IReactorFromThreads,
         keep_versions: int = 20,
         cors: CorsPolicy | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.root = root
         self.pool = pool
@@ -141,6 +146,7 @@ class Neurotrale:
         self.chunks = ChunkSource(root)
         self.annotations = AnnotationStore(root, keep_versions=keep_versions)
         self.cors = cors or CorsPolicy()
+        self.metrics = metrics or ServerMetrics()
 
     def resource(self) -> IResource:
         """The site's root resource: the routes behind CORS and slash folding."""
@@ -199,7 +205,10 @@ class Neurotrale:
             )
 
         def load() -> tuple[bytes | None, str | None, str, float]:
+            started = time.perf_counter()
             decoded = self.chunks.load(dataset_dir, key, name, client_has)
+            if decoded.raw is not None:
+                self.metrics.chunk_decoded(time.perf_counter() - started)
             if decoded.raw is None:
                 return None, None, decoded.etag, decoded.modified
             body, used = encode_body(decoded.raw, coding)
@@ -289,6 +298,29 @@ class Neurotrale:
             return b""
         request.setHeader(b"content-length", b"%d" % len(result.content))
         return bytes(result.content)
+
+    # --- operations -----------------------------------------------------------------------
+
+    @app.route("/healthz", methods=READ_METHODS)
+    async def healthz(self, request: IRequest) -> bytes:
+        """200 while the data root is readable, else 503 (a hung mount counts after 5 s)."""
+        check = self._in_thread(check_data_root, self.root.root)
+        check.addTimeout(5, self.reactor)  # type: ignore[arg-type]
+        try:
+            health = await check
+        except Exception:
+            health = Health(False, "the data root did not answer within 5 s")
+        request.setHeader(b"cache-control", b"no-store")
+        return json_body(request, http.OK if health.ok else 503, health.document())
+
+    @app.route("/metrics", methods=READ_METHODS)
+    async def metrics_text(self, request: IRequest) -> bytes:
+        """The Prometheus metrics, summed over every worker process."""
+        body = await self._in_thread(self.metrics.render)
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
 
     # --- everything else: the static files ------------------------------------------------
 

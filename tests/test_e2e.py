@@ -33,9 +33,12 @@ def assemble(scale_dir: Path, size: tuple[int, int, int]) -> np.ndarray:  # type
 
 
 class Twistd:
-    """A ``twistd -n neurotrale`` process listening on a free port."""
+    """A ``twistd -n neurotrale`` process listening on a free port, with ``workers`` processes.
 
-    def __init__(self, root: Path, log: Path, *args: str) -> None:
+    Ready once the parent listens and every worker process said it serves.
+    """
+
+    def __init__(self, root: Path, log: Path, *args: str, workers: int = 1) -> None:
         env = {**os.environ, "PRECOMPUTED_LOGGING": str(log)}
         self.log = log
         self.process = subprocess.Popen(
@@ -48,6 +51,8 @@ class Twistd:
                 str(root),
                 "--listen",
                 "tcp:0:interface=127.0.0.1",
+                "--workers",
+                str(workers),
                 *args,
             ],
             env=env,
@@ -58,7 +63,7 @@ class Twistd:
         while time.monotonic() < deadline:
             text = log.read_text() if log.exists() else ""
             match = re.search(r"NeurotraleSite starting on (\d+)", text)
-            if match:
+            if match and len(re.findall(r"worker \d+ serving on", text)) >= workers - 1:
                 self.url = f"http://127.0.0.1:{match.group(1)}"
                 return
             if self.process.poll() is not None:

@@ -1,0 +1,166 @@
+"""The site as operations see it: metrics per request, the access log, a graceful stop.
+
+:class:`ServingSite` is :class:`~neurotrale_twisted.http.NeurotraleSite` plus what running it
+in production needs: every request is counted in :class:`~neurotrale_twisted.metrics.ServerMetrics`
+and tagged with the worker process that answered it (``X-Neurotrale-Worker``), the access log
+is in the combined format (with the client address a trusted proxy forwarded, when told to
+trust it), and :meth:`ServingSite.drain` lets the requests in flight finish before the
+process stops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from .http import HttpSettings, NeurotraleSite
+from .metrics import ServerMetrics, route_of
+
+log = Logger()
+
+#: The response header naming the worker process that answered.
+WORKER_HEADER = b"x-neurotrale-worker"
+
+
+class _ForwardedRequest:
+    """A request seen through a trusted proxy: the client is the address the proxy forwarded."""
+
+    def __init__(self, request: Any, client: IAddress) -> None:
+        self._request = request
+        self._client = client
+
+    def getClientAddress(self) -> IAddress:
+        """The address the proxy saw the request come from."""
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def forwarded_client(request: IRequest) -> IAddress | None:
+    """The client address a proxy put last in ``X-Forwarded-For``, or None.
+
+    The last address is the one our proxy added; earlier ones come from the client (or from
+    proxies we know nothing of) and can say anything.
+    """
+    headers = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+    addresses = [a.strip() for value in headers for a in value.split(b",") if a.strip()]
+    if not addresses:
+        return None
+    try:
+        ip = ipaddress.ip_address(addresses[-1].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return IPv6Address("TCP", str(ip), 0)
+    return IPv4Address("TCP", str(ip), 0)
+
+
+def trusted_proxy_log_formatter(timestamp: str, request: IRequest) -> str:
+    """The combined log format with the client address taken from ``X-Forwarded-For``."""
+    client = forwarded_client(request)
+    if client is not None:
+        request = _ForwardedRequest(request, client)  # type: ignore[assignment]
+    return str(http.combinedLogFormatter(timestamp, request))
+
+
+class ServingSite(NeurotraleSite):
+    """The site with metrics, the worker header, the access log and in-flight tracking.
+
+    ``worker`` is this process's index in the pool (0: the parent, or a single process).
+    ``trust_proxy`` logs the client address that the reverse proxy forwarded.
+    """
+
+    def __init__(
+        self,
+        resource: IResource,
+        settings: HttpSettings,
+        metrics: ServerMetrics,
+        *,
+        worker: int = 0,
+        trust_proxy: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        formatter = trusted_proxy_log_formatter if trust_proxy else http.combinedLogFormatter
+        super().__init__(resource, settings, logFormatter=formatter, **kwargs)
+        self.metrics = metrics
+        self.worker = worker
+        self.worker_tag = b"%d; pid=%d" % (worker, os.getpid())
+        #: Requests being answered now.
+        self.active: set[Any] = set()
+        self.draining = False
+
+    def logPrefix(self) -> str:
+        """The name in log lines such as "NeurotraleSite starting on 9000"."""
+        return "NeurotraleSite"
+
+    def getResourceFor(self, request: Any) -> Any:
+        """Start measuring ``request`` and tag its answer, then find its resource."""
+        started = self.reactor.seconds()
+        route = route_of(request.path)
+        method = request.method.decode("latin-1")
+        self.active.add(request)
+        self.metrics.request_started()
+        request.setHeader(WORKER_HEADER, self.worker_tag)
+        if self.draining:
+            _close_after(request)
+
+        def done(result: object) -> None:
+            self.active.discard(request)
+            self.metrics.request_finished(
+                route,
+                method,
+                request.code,
+                request.sentLength,
+                self.reactor.seconds() - started,
+            )
+            if isinstance(result, Failure):
+                return None  # the client went away; nothing more to say
+
+        request.notifyFinish().addBoth(done)
+        return super().getResourceFor(request)
+
+    def drain(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
+        """Fire once the requests in flight are answered (or ``timeout`` seconds passed).
+
+        The connections they came on are closed after their answer instead of waiting for
+        another request. Call it once the ports stopped listening.
+        """
+        self.draining = True
+        for request in self.active:
+            _close_after(request)
+        deadline = clock.seconds() + timeout
+        finished: Deferred[None] = Deferred()
+
+        def check() -> None:
+            if not self.active or clock.seconds() >= deadline:
+                if self.active:
+                    log.warn(
+                        "stopping with {n} request(s) still unanswered after {t} s",
+                        n=len(self.active),
+                        t=timeout,
+                    )
+                poll.stop()
+
+        poll = task.LoopingCall(check)
+        poll.clock = clock
+        poll.start(0.05).addCallback(lambda _: finished.callback(None))
+        return finished
+
+
+def _close_after(request: Any) -> None:
+    """Close the connection of ``request`` once it is answered (no keep-alive)."""
+    channel = getattr(request, "channel", None)
+    if channel is not None and hasattr(channel, "persistent"):
+        channel.persistent = False
