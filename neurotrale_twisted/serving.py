@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import weakref
 from typing import Any
 
 from twisted.internet import task
@@ -99,6 +100,8 @@ class ServingSite(NeurotraleSite):
         self.worker_tag = b"%d; pid=%d" % (worker, os.getpid())
         #: Requests being answered now.
         self.active: set[Any] = set()
+        #: The connections requests came on, while they are open.
+        self.channels: weakref.WeakSet[Any] = weakref.WeakSet()
         self.draining = False
 
     def logPrefix(self) -> str:
@@ -111,6 +114,7 @@ class ServingSite(NeurotraleSite):
         route = route_of(request.path)
         method = request.method.decode("latin-1")
         self.active.add(request)
+        self.channels.add(request.channel)
         self.metrics.request_started()
         request.setHeader(WORKER_HEADER, self.worker_tag)
         if self.draining:
@@ -132,31 +136,49 @@ class ServingSite(NeurotraleSite):
         return super().getResourceFor(request)
 
     def drain(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
-        """Fire once the requests in flight are answered (or ``timeout`` seconds passed).
+        """Fire once the requests in flight are answered and sent (or ``timeout`` seconds passed).
 
-        The connections they came on are closed after their answer instead of waiting for
-        another request. Call it once the ports stopped listening.
+        Idle keep-alive connections are closed at once, busy ones after their answer: a
+        connection is only closed once what was written to it is sent, so no answer is cut
+        short. Call it once the ports stopped listening.
         """
         self.draining = True
-        for request in self.active:
-            _close_after(request)
+        busy = {request.channel for request in self.active}
+        for channel in list(self.channels):
+            if not _is_open(channel):
+                continue
+            if channel in busy:
+                channel.persistent = False
+            else:
+                channel.loseConnection()
         deadline = clock.seconds() + timeout
         finished: Deferred[None] = Deferred()
 
         def check() -> None:
-            if not self.active or clock.seconds() >= deadline:
-                if self.active:
+            still_open = [c for c in self.channels if _is_open(c)]
+            if (not self.active and not still_open) or clock.seconds() >= deadline:
+                if self.active or still_open:
                     log.warn(
-                        "stopping with {n} request(s) still unanswered after {t} s",
+                        "stopping with {n} request(s) unanswered and {c} connection(s) "
+                        "still sending after {t} s",
                         n=len(self.active),
+                        c=len(still_open),
                         t=timeout,
                     )
                 poll.stop()
 
         poll = task.LoopingCall(check)
         poll.clock = clock
-        poll.start(0.05).addCallback(lambda _: finished.callback(None))
+        poll.start(0.02).addCallback(lambda _: finished.callback(None))
         return finished
+
+
+def _is_open(channel: Any) -> bool:
+    """Whether the connection of ``channel`` is still open (through a TLS wrapper too)."""
+    transport = getattr(channel, "transport", None)
+    while transport is not None and hasattr(transport, "wrappedProtocol"):
+        transport = getattr(transport, "transport", None)
+    return transport is not None and not getattr(transport, "disconnected", True)
 
 
 def _close_after(request: Any) -> None:

@@ -336,11 +336,14 @@ class WorkerPool(ProcessMonitor):
 
 
 class _AdoptedUNIXPort(unix.Port):  # type: ignore[misc]
-    """A UNIX socket adopted from the parent: stopping it leaves the socket file alone.
+    """A UNIX socket adopted from the parent: stopping it leaves the socket alone.
 
-    Twisted's UNIX port removes its socket file when it stops; the file is the parent's,
-    which still serves on it (and removes it itself).
+    Twisted's UNIX port shuts its socket down and removes its file when it stops; both are
+    the parent's, which still serves on them (TCP ports adopted this way already skip the
+    shutdown).
     """
+
+    _shouldShutdown = False
 
     def connectionLost(self, reason: Failure) -> None:
         tcp.Port.connectionLost(self, reason)
@@ -456,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
+    # Everything is stopped and logged; skip the interpreter's slow teardown of numpy & co.
+    stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

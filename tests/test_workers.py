@@ -1,0 +1,321 @@
+"""``--workers N`` end to end: real ``twistd neurotrale`` processes, counted in the process table.
+
+Every process must answer (told apart by ``X-Neurotrale-Worker`` and by pid), a killed worker
+is replaced, SIGTERM stops them all after the answers in flight are sent, SIGKILL of the
+parent leaves no orphan, and annotation writes from every process serialise on one file.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from .support import write_chunk, write_info
+from .test_e2e import Twistd
+
+CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
+
+
+def children_of(pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``pid``, from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (zombies count as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def get(url: str, data: bytes | None = None, method: str = "GET") -> tuple[int, Any, bytes]:
+    """One request on a fresh connection: status, headers, body."""
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.headers, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def worker_pid(headers: Any) -> int:
+    match = re.fullmatch(r"(\d+); pid=(\d+)", headers["X-Neurotrale-Worker"])
+    assert match, headers["X-Neurotrale-Worker"]
+    return int(match.group(2))
+
+
+def pids_answering(fetch: Callable[[], Any], want: Iterable[int], tries: int = 400) -> set[int]:
+    """Ask concurrently until every pid of ``want`` answered (or ``tries`` requests were made)."""
+    wanted = set(want)
+    seen: set[int] = set()
+    with ThreadPoolExecutor(12) as pool:
+        for _ in range(tries // 20):
+            for headers in pool.map(lambda _: fetch(), range(20)):
+                seen.add(worker_pid(headers))
+            if wanted <= seen:
+                break
+    return seen
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample in the Prometheus text ``text``."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no sample {name} in:\n{text}")
+
+
+def test_every_worker_serves_and_a_killed_one_is_replaced(demo_root: Path, tmp_path: Path) -> None:
+    server = Twistd(demo_root, tmp_path / "server.log", workers=3)
+    try:
+        parent = server.process.pid
+        children = children_of(parent)
+        assert len(children) == 2
+        seen = pids_answering(lambda: get(server.url + CHUNK)[1], {parent, *children})
+        assert seen == {parent, *children}
+
+        status, _, body = get(server.url + "/metrics")
+        assert status == 200
+        served = metric(
+            body.decode(),
+            'neurotrale_http_requests_total{method="GET",route="chunk",status="200"}',
+        )
+        assert served >= len(seen) and served % 20 == 0  # every process's requests, summed
+        log = server.log.read_text()
+        for pid in children:
+            assert re.search(rf"\[worker-\d:{pid} [^]]*\] \"127\.0\.0\.1\" - - \[", log)
+
+        victim = min(children)
+        started = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_for(lambda: children_of(parent) - children, 20, "a new worker")
+        (newcomer,) = replaced
+        wait_for(
+            lambda: re.search(
+                r"worker \d serving on", server.log.read_text().split(str(victim))[-1]
+            ),
+            20,
+            "the new worker to serve",
+        )
+        print(
+            f"worker pid {victim} killed, pid {newcomer} serving "
+            f"{time.monotonic() - started:.1f} s later"
+        )
+        assert children_of(parent) == (children - {victim}) | {newcomer}
+        assert newcomer in pids_answering(lambda: get(server.url + CHUNK)[1], {newcomer})
+        metrics = get(server.url + "/metrics")[2].decode()
+        assert metric(metrics, "neurotrale_worker_restarts_total") == 1
+        assert f"(pid {victim}) exited" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def big_dataset(root: Path) -> int:
+    """A dataset with one 32 MiB chunk, more than the socket buffers hold. Returns its size."""
+    dataset = root / "big"
+    write_info(dataset, (1024, 1024, 16), chunk=(1024, 1024, 16))
+    volume = np.arange(16 * 1024 * 1024, dtype="uint16").reshape(16, 1024, 1024)
+    write_chunk(dataset, "1_1_1", (0, 1024, 0, 1024, 0, 16), volume)
+    return volume.nbytes
+
+
+def test_sigterm_sends_the_answers_in_flight_then_stops_every_process(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    size = big_dataset(root)
+    server = Twistd(root, tmp_path / "server.log", workers=2)
+    parent = server.process.pid
+    children = children_of(parent)
+    assert len(children) == 1
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", "/big/1_1_1/0-1024_0-1024_0-16")
+    answer = connection.getresponse()  # the headers are here; most of the body is not
+    assert answer.status == 200
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    body = answer.read()
+    assert len(body) == size  # the answer was sent whole
+    assert server.process.wait(timeout=15) in (0, -signal.SIGTERM)
+    wait_for(lambda: not any(alive(pid) for pid in children), 15, "the workers to exit")
+    stopped = time.monotonic() - started
+    print(f"SIGTERM: parent and its worker gone {stopped:.2f} s later, 32 MiB answer complete")
+    assert stopped < 10
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2)
+
+
+def test_sigkill_of_the_parent_leaves_no_orphan_and_unix_sockets_are_shared(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "neurotrale.sock"
+    server = Twistd(demo_root, tmp_path / "server.log", f"--listen=unix:{path}:mode=660", workers=2)
+    parent = server.process.pid
+    children = children_of(parent)
+
+    def over_unix() -> Any:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            sock.sendall(b"GET /demo-brain/info HTTP/1.0\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode()
+        assert head.startswith("HTTP/1.0 200"), head
+        return dict(line.split(": ", 1) for line in head.splitlines()[1:])
+
+    assert pids_answering(over_unix, {parent, *children}) == {parent, *children}
+    assert oct(path.stat().st_mode & 0o777) == "0o660"
+    # A worker that stops leaves the parent's socket file in place.
+    victim = min(children)
+    os.kill(victim, signal.SIGTERM)
+    wait_for(lambda: not alive(victim), 15, "the worker to exit")
+    assert path.exists()
+    over_unix()
+
+    everyone = children_of(parent) | {parent}
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(timeout=5)
+    wait_for(lambda: not any(alive(pid) for pid in everyone), 15, "the orphans to exit")
+    print(
+        f"SIGKILL of the parent: all {len(everyone)} processes gone "
+        f"{time.monotonic() - started:.2f} s later"
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2)
+
+
+def test_concurrent_patches_from_every_worker_lose_nothing(data_root: Path, tmp_path: Path) -> None:
+    server = Twistd(data_root, tmp_path / "server.log", workers=3)
+    try:
+        url = server.url + "/demo-brain/annotations/x0y0z0/busy.json"
+
+        def patch(i: int) -> tuple[int, Any, bytes]:
+            record = {"point": [i, 2, 3], "type": "point", "id": f"r{i}", "anntype": "neuron"}
+            return get(f"{url}?id=r{i}", json.dumps(record).encode(), "PATCH")
+
+        with ThreadPoolExecutor(24) as pool:
+            writes = [pool.submit(patch, i) for i in range(150)]
+            reads = [pool.submit(get, url) for _ in range(75)]
+            written = [w.result() for w in writes]
+            read = [r.result() for r in reads]
+        assert [status for status, _, _ in written] == [200] * 150
+        parsed = 0
+        for status, _, body in read:
+            if status == 200:
+                assert isinstance(json.loads(body), list)  # never torn
+                parsed += 1
+            else:
+                assert status == 404  # before the first write
+        writers = {worker_pid(headers) for _, headers, _ in written}
+        final = json.loads(get(url)[2])
+        assert sorted(r["id"] for r in final) == sorted(f"r{i}" for i in range(150))
+        print(
+            f"--workers 3: 150 PATCHes from {len(writers)} processes, {len(final)} records, "
+            f"{parsed} reads parsed, none lost or torn"
+        )
+        assert len(writers) >= 2
+    finally:
+        server.stop()
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A key and a self-signed certificate for 127.0.0.1, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def test_every_worker_serves_tls_with_the_same_certificate(demo_root: Path, tmp_path: Path) -> None:
+    key, cert = self_signed(tmp_path)
+    server = Twistd(
+        demo_root,
+        tmp_path / "server.log",
+        f"--listen=ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        workers=2,
+    )
+    try:
+        match = re.search(r"NeurotraleSite \(TLS\) starting on (\d+)", server.log.read_text())
+        assert match, server.log.read_text()
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        url = f"https://127.0.0.1:{match.group(1)}{CHUNK}"
+
+        def fetch() -> Any:
+            with urllib.request.urlopen(url, context=context, timeout=30) as answer:
+                assert len(answer.read()) == 64 * 64 * 32 * 2
+                return answer.headers
+
+        parent = server.process.pid
+        assert pids_answering(fetch, {parent, *children_of(parent)}) == {
+            parent,
+            *children_of(parent),
+        }
+    finally:
+        server.stop()
