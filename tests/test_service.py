@@ -98,3 +98,20 @@ def test_make_service_has_a_pool_and_one_listener_per_endpoint(tmp_path: Path) -
     assert sum(isinstance(s, ThreadPoolService) for s in services) == 1
     listeners = [s for s in services if isinstance(s, internet.StreamServerEndpointService)]
     assert len(listeners) == 2
+
+
+def test_workers_and_trust_proxy(tmp_path: Path) -> None:
+    from neurotrale_twisted.serving import ServingSite, trusted_proxy_log_formatter
+    from neurotrale_twisted.workers import WorkerPool
+
+    options = parse("--path", str(tmp_path), "--workers", "4", "--trust-proxy")
+    assert options["trust-proxy"]
+    pools = [s for s in makeService(options) if isinstance(s, WorkerPool)]
+    assert len(pools) == 1 and pools[0].count == 3
+    single = parse("--path", str(tmp_path), "--workers", "1")
+    assert not single["trust-proxy"]
+    services = list(makeService(single))
+    assert not any(isinstance(s, WorkerPool) for s in services)
+    listener = next(s for s in services if isinstance(s, internet.StreamServerEndpointService))
+    assert isinstance(listener.factory, ServingSite)
+    assert listener.factory._logFormatter is not trusted_proxy_log_formatter
