@@ -17,7 +17,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,27 @@ def pids_answering(fetch: Callable[[], Any], want: Iterable[int], tries: int = 4
     return seen
 
 
+@pytest.fixture
+def start() -> Iterator[Callable[..., Twistd]]:
+    """Start ``twistd neurotrale`` processes; afterwards, none of them is left running."""
+    started: list[tuple[Twistd, set[int]]] = []
+
+    def run(root: Path, log: Path, *args: str, workers: int) -> Twistd:
+        server = Twistd(root, log, *args, workers=workers)
+        started.append((server, children_of(server.process.pid)))
+        return server
+
+    yield run
+    for server, children in started:
+        children |= children_of(server.process.pid)
+        try:
+            server.stop()
+        finally:
+            for pid in children:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def metric(text: str, name: str) -> float:
     """The value of one sample in the Prometheus text ``text``."""
     for line in text.splitlines():
@@ -103,8 +124,10 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"no sample {name} in:\n{text}")
 
 
-def test_every_worker_serves_and_a_killed_one_is_replaced(demo_root: Path, tmp_path: Path) -> None:
-    server = Twistd(demo_root, tmp_path / "server.log", workers=3)
+def test_every_worker_serves_and_a_killed_one_is_replaced(
+    start: Callable[..., Twistd], demo_root: Path, tmp_path: Path
+) -> None:
+    server = start(demo_root, tmp_path / "server.log", workers=3)
     try:
         parent = server.process.pid
         children = children_of(parent)
@@ -157,10 +180,12 @@ def big_dataset(root: Path) -> int:
     return volume.nbytes
 
 
-def test_sigterm_sends_the_answers_in_flight_then_stops_every_process(tmp_path: Path) -> None:
+def test_sigterm_sends_the_answers_in_flight_then_stops_every_process(
+    start: Callable[..., Twistd], tmp_path: Path
+) -> None:
     root = tmp_path / "data"
     size = big_dataset(root)
-    server = Twistd(root, tmp_path / "server.log", workers=2)
+    server = start(root, tmp_path / "server.log", workers=2)
     parent = server.process.pid
     children = children_of(parent)
     assert len(children) == 1
@@ -183,10 +208,10 @@ def test_sigterm_sends_the_answers_in_flight_then_stops_every_process(tmp_path: 
 
 
 def test_sigkill_of_the_parent_leaves_no_orphan_and_unix_sockets_are_shared(
-    demo_root: Path, tmp_path: Path
+    start: Callable[..., Twistd], demo_root: Path, tmp_path: Path
 ) -> None:
     path = tmp_path / "neurotrale.sock"
-    server = Twistd(demo_root, tmp_path / "server.log", f"--listen=unix:{path}:mode=660", workers=2)
+    server = start(demo_root, tmp_path / "server.log", f"--listen=unix:{path}:mode=660", workers=2)
     parent = server.process.pid
     children = children_of(parent)
 
@@ -224,8 +249,10 @@ def test_sigkill_of_the_parent_leaves_no_orphan_and_unix_sockets_are_shared(
         socket.create_connection((host, int(port)), timeout=2)
 
 
-def test_concurrent_patches_from_every_worker_lose_nothing(data_root: Path, tmp_path: Path) -> None:
-    server = Twistd(data_root, tmp_path / "server.log", workers=3)
+def test_concurrent_patches_from_every_worker_lose_nothing(
+    start: Callable[..., Twistd], data_root: Path, tmp_path: Path
+) -> None:
+    server = start(data_root, tmp_path / "server.log", workers=3)
     try:
         url = server.url + "/demo-brain/annotations/x0y0z0/busy.json"
 
@@ -292,9 +319,11 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return key_path, cert_path
 
 
-def test_every_worker_serves_tls_with_the_same_certificate(demo_root: Path, tmp_path: Path) -> None:
+def test_every_worker_serves_tls_with_the_same_certificate(
+    start: Callable[..., Twistd], demo_root: Path, tmp_path: Path
+) -> None:
     key, cert = self_signed(tmp_path)
-    server = Twistd(
+    server = start(
         demo_root,
         tmp_path / "server.log",
         f"--listen=ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
