@@ -115,7 +115,7 @@ def test_socket_activation_runs_the_units_command(
         )
         everyone |= children_of(process.pid)
         assert len(everyone) == workers
-        seen = set()
+        seen: set[int] = set()
         deadline = time.monotonic() + 30
         while seen != everyone and time.monotonic() < deadline:
             with urllib.request.urlopen(url + "/demo-brain/1_1_1/0-64_0-64_0-32") as answer:
