@@ -97,7 +97,6 @@ class ServingSite(NeurotraleSite):
         super().__init__(resource, settings, logFormatter=formatter, **kwargs)
         self.metrics = metrics
         self.worker = worker
-        self.worker_tag = b"%d; pid=%d" % (worker, os.getpid())
         #: Requests being answered now.
         self.active: set[Any] = set()
         #: The connections requests came on, while they are open.
@@ -116,7 +115,8 @@ class ServingSite(NeurotraleSite):
         self.active.add(request)
         self.channels.add(request.channel)
         self.metrics.request_started()
-        request.setHeader(WORKER_HEADER, self.worker_tag)
+        # The pid now, not when the site was made: twistd may daemonize (fork) in between.
+        request.setHeader(WORKER_HEADER, b"%d; pid=%d" % (self.worker, os.getpid()))
         if self.draining:
             _close_after(request)
 
