@@ -348,3 +348,49 @@ def test_every_worker_serves_tls_with_the_same_certificate(
         }
     finally:
         server.stop()
+
+
+def test_worker_log_lines_reach_the_parents_log_tagged() -> None:
+    from types import SimpleNamespace
+
+    from twisted.internet import reactor
+    from twisted.logger import (
+        LogLevel,
+        eventAsJSON,
+        formatEventAsClassicLogText,
+        globalLogPublisher,
+    )
+    from twisted.python.failure import Failure
+
+    from neurotrale_twisted.workers import WorkerProtocol
+
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        failure = Failure()
+    event = {
+        "log_format": "decoding {path} failed",
+        "path": "brain1/1_1_1/0-64_0-64_0-64.tiff",
+        "log_failure": failure,
+        "log_level": LogLevel.error,
+        "log_namespace": "neurotrale_twisted.web",
+        "log_time": 1795000000.0,
+    }
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        proto = WorkerProtocol(SimpleNamespace(clock=reactor), "worker-2", 2)  # type: ignore[arg-type]
+        proto.pid = 4242
+        line = eventAsJSON(event).encode()
+        proto.childDataReceived(1, line[:20])  # lines arrive in pieces
+        proto.childDataReceived(1, line[20:] + b"\nnot json\n")
+        proto.childDataReceived(2, b"Fatal Python error: Segmentation fault\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    mine = [e for e in seen if e.get("neurotrale_worker") == 2]
+    text = [formatEventAsClassicLogText(e) or "" for e in mine]
+    assert len(text) == 3
+    assert "[worker-2:4242 neurotrale_twisted.web#error] decoding brain1/1_1_1/" in text[0]
+    assert "ZeroDivisionError" in text[0]  # the traceback came along
+    assert "[worker-2:4242 stdout] not json" in text[1]
+    assert "[worker-2:4242 stderr] Fatal Python error: Segmentation fault" in text[2]
