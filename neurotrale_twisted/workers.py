@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -259,6 +260,10 @@ class WorkerPool(ProcessMonitor):
             parent_fd, socket_info = shared
             self._child_fds[socket_info.fd] = parent_fd
             sockets.append(socket_info.__dict__)
+        if not sockets:
+            log.warn("no listening socket can be shared: the parent process serves alone")
+            super().startService()
+            return
         self.directory = tempfile.mkdtemp(prefix="neurotrale-metrics-")
         self.metrics.share(self.directory)
         options = {key: value for key, value in self.options.items() if key != WORKER_KEY}
@@ -448,7 +453,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.warn("worker {index}: the parent process is gone; stopping", index=index)
             reactor.stop()  # type: ignore[attr-defined]
 
+    def leave_ctrl_c_to_the_parent() -> None:
+        # Ctrl-C in a terminal reaches the whole process group; the parent stops the
+        # workers itself, in order, so a worker must not stop (and be restarted) first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     watch = _ParentWatch(parent_gone)
+    reactor.callWhenRunning(leave_ctrl_c_to_the_parent)  # type: ignore[attr-defined]
     reactor.addReader(watch)  # type: ignore[attr-defined]
     reactor.callWhenRunning(top.startService)  # type: ignore[attr-defined]
     reactor.callWhenRunning(  # type: ignore[attr-defined]
