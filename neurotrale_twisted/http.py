@@ -8,18 +8,17 @@ code and a JSON body.
 
 from __future__ import annotations
 
-import gzip
+import io
 import json
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import zstandard
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.static import NoRangeStaticProducer
 
 log = Logger()
 
@@ -106,6 +105,29 @@ class JsonErrorResource(Resource):
         return error_response(request, self.status, self.message)
 
 
+class BodyResource(Resource):
+    """A leaf that sends a body held in memory, a piece at a time as the client reads it.
+
+    Writing a large body at once would copy it whole into the connection's buffer for as
+    long as the client takes to read it; Twisted's ``NoRangeStaticProducer`` instead writes
+    64 KiB pieces as the buffer drains, so slow clients cost little memory.
+    """
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render(self, request: IRequest) -> Any:
+        """Send the body (the handler has set the status and the other headers)."""
+        request.setHeader(b"content-length", b"%d" % len(self.body))
+        if request.method == b"HEAD":
+            return b""
+        NoRangeStaticProducer(request, io.BytesIO(self.body)).start()
+        return server.NOT_DONE_YET
+
+
 # --- ETags and conditional requests -------------------------------------------------------
 
 
@@ -150,31 +172,6 @@ def choose_encoding(accept_encoding: bytes | None) -> str | None:
         if q > 0 and (best is None or q > best[0]):
             best = (q, coding)
     return best[1] if best else None
-
-
-_zstd = threading.local()
-
-
-def compress(body: bytes, coding: str) -> bytes:
-    """Compress ``body`` with ``coding`` at a fast level (runs on a worker thread)."""
-    if coding == "gzip":
-        return gzip.compress(body, compresslevel=1, mtime=0)
-    if coding == "zstd":
-        compressor = getattr(_zstd, "compressor", None)
-        if compressor is None:
-            compressor = _zstd.compressor = zstandard.ZstdCompressor(level=1)
-        return bytes(compressor.compress(body))
-    raise ValueError(f"unsupported coding {coding!r}")
-
-
-def encode_body(body: bytes, coding: str | None) -> tuple[bytes, str | None]:
-    """``body`` in ``coding`` when that makes it smaller; else the body as it is, and None."""
-    if coding is None or len(body) < 256:
-        return body, None
-    encoded = compress(body, coding)
-    if len(encoded) >= len(body):
-        return body, None
-    return encoded, coding
 
 
 # --- byte ranges --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ with a default filled in by ``postOptions``, and :func:`makeService` building a
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Any, cast
 
@@ -52,6 +53,13 @@ class Options(usage.Options):
         ["threads", None, None, "Threads per process for decoding and writing files.", _positive],
         ["keep-versions", None, 20, "Earlier versions kept per annotation file.", int],
         ["max-body", None, 64, "Largest request body accepted, in MiB.", _positive],
+        [
+            "cache-mb",
+            None,
+            64,
+            "Memory for cached chunk answers per process, in MiB (0: none).",
+            int,
+        ],
     ]
     optFlags = [
         ["follow-symlinks", None, "Let reads follow symbolic links out of the data root."],
@@ -85,6 +93,8 @@ class Options(usage.Options):
             self["listen"].append(f"tcp:{self['port']}")
         if not self["listen"]:
             self["listen"].append(DEFAULT_LISTEN)
+        if self["cache-mb"] < 0:
+            raise usage.UsageError("--cache-mb must be 0 or more")
         if self["keep-versions"] < 0:
             raise usage.UsageError("--keep-versions must be 0 or more")
         if self["threads"] is None:
@@ -108,6 +118,23 @@ class ThreadPoolService(service.Service):
         self.pool.stop()
 
 
+def limit_malloc_fragmentation() -> None:
+    """Keep glibc from hoarding freed chunk buffers, so memory follows the live data.
+
+    Chunk answers are large (512 KiB is common). glibc raises its mmap threshold after the
+    first such buffer is freed and then serves them from per-thread heaps that rarely shrink;
+    fixing the threshold returns each buffer to the system when it is freed, and fewer arenas
+    keep the threads from holding a heap each. No effect outside glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_mmap_threshold, 256 * 1024)
+    libc.mallopt(m_arena_max, 2)
+
+
 def log_to_file_from_environment() -> None:
     """Send the log to ``$PRECOMPUTED_LOGGING`` when it names a file."""
     target = os.environ.get("PRECOMPUTED_LOGGING")
@@ -123,6 +150,7 @@ def makeService(options: Options) -> service.MultiService:
     from .web import Neurotrale
 
     log_to_file_from_environment()
+    limit_malloc_fragmentation()
     top = service.MultiService()
     pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="neurotrale")
     ThreadPoolService(pool).setServiceParent(top)
@@ -134,6 +162,7 @@ def makeService(options: Options) -> service.MultiService:
         cast(IReactorFromThreads, reactor),
         keep_versions=options["keep-versions"],
         cors=cors,
+        cache_bytes=options["cache-mb"] * 1024 * 1024,
     )
     settings = HttpSettings(cors=cors, max_body=options["max-body"] * 1024 * 1024)
     site = NeurotraleSite(app.resource(), settings)

@@ -10,10 +10,10 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
+from neurotrale_twisted.encoding import encode_body
 from neurotrale_twisted.http import (
     Unsatisfiable,
     choose_encoding,
-    encode_body,
     fold_slashes,
     none_match,
     single_range,
