@@ -532,10 +532,13 @@ class AnnotationStore:
 
         Raises :class:`BadRequest` for a bad file or block name, or (writes) a point outside
         the volume or a block name that is not ``x{X}y{Y}z{Z}``; :class:`NotFound` (reads)
-        when no directory matches; :class:`Forbidden` (writes) when a path would leave the
-        data root; :class:`ServerError` when ``block_info.csv`` or ``info`` is unreadable.
+        when no directory matches, and for reads and writes alike when ``dataset`` is no
+        dataset (has no ``info`` file); :class:`Forbidden` (writes) when a path would leave
+        the data root; :class:`ServerError` when ``block_info.csv`` or ``info`` is unreadable.
         """
         with self._disk_errors():
+            if not (dataset / "info").is_file():
+                raise NotFound(f"no dataset with an info file at {self._relative(dataset)!r}")
             if not ANNOTATION_NAME.match(name):
                 raise BadRequest(
                     f"bad annotation file name {_quoted(name)}: use letters, digits, '-', '_' and "

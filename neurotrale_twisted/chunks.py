@@ -206,14 +206,25 @@ def to_raw(
 def decode_tiff(path: Path, name: ChunkName, fmt: ScaleFormat) -> bytes:
     """Read the TIFF at ``path`` and return chunk ``name`` in the raw encoding.
 
-    Any compression tifffile (with imagecodecs) can decode is accepted. Raises
-    :class:`ServerError`, naming the file, when it cannot be read or does not fit.
+    Any compression tifffile (with imagecodecs) can decode is accepted. The size the header
+    declares is checked before anything is decoded, so a corrupt header claiming a huge image
+    costs no memory. Raises :class:`ServerError`, naming the file, when it cannot be read or
+    does not fit.
     """
+    z, y, x = name.shape
+    expected = z * y * x * fmt.num_channels
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            if series.size != expected:
+                raise ServerError(
+                    f"{path}: holds {series.size} samples of shape {series.shape} but chunk "
+                    f"{name.stem} with {fmt.num_channels} channel(s) needs {expected}"
+                )
             array = series.asarray()
             axes = series.axes
+    except ServerError:
+        raise
     except Exception as e:  # tifffile raises many types for corrupt files
         raise ServerError(f"{path}: cannot decode TIFF: {type(e).__name__}: {e}") from e
     return to_raw(array, axes, name, fmt, path)

@@ -313,5 +313,11 @@ class NeurotraleRoot(Resource):
         self.cors.apply(request)
         if request.method == b"OPTIONS":
             return self.cors.preflight(request)
-        request.postpath = fold_slashes(request.postpath)  # type: ignore[attr-defined]
+        postpath = fold_slashes(request.postpath)  # type: ignore[attr-defined]
+        try:
+            for segment in postpath:
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            return error_response(request, http.BAD_REQUEST, "the URL path is not valid UTF-8")
+        request.postpath = postpath  # type: ignore[attr-defined]
         return self.routes.render(request)
