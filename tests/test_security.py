@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,16 +182,13 @@ def _corrupt_tiffs(dataset: Path) -> dict[str, Path]:
     files["empty"].write_bytes(b"")
     # A header that claims a 60000 x 60000 image: decoding it would need gigabytes.
     with tifffile.TiffFile(files["huge"]) as tif:
-        page = tif.pages[0]
+        page = tif.pages.first
         width = page.tags["ImageWidth"].valueoffset
         length = page.tags["ImageLength"].valueoffset
         kind_w, kind_l = page.tags["ImageWidth"].dtype, page.tags["ImageLength"].dtype
     raw = bytearray(files["huge"].read_bytes())
     for offset, dtype in ((width, kind_w), (length, kind_l)):
-        fmt = "<I" if dtype == 4 else "<H"
-        import struct
-
-        struct.pack_into(fmt, raw, offset, 60000)
+        struct.pack_into("<I" if dtype == 4 else "<H", raw, offset, 60000)
     files["huge"].write_bytes(bytes(raw))
     return files
 
