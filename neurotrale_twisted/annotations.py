@@ -932,3 +932,25 @@ def _block_dir_name(index: tuple[int, int, int]) -> str:
 
 def _legacy_dir_name(index: tuple[int, int, int]) -> str:
     return f"x{index[0] + 1:04d}_y{index[1] + 1:04d}"
+
+
+def remove_stale_temporaries(annotations: Path, older_than: float, now: float) -> int:
+    """Remove the temporary files that writers which died left under ``annotations``.
+
+    Run at start-up: a temporary file older than ``older_than`` seconds belongs to no live
+    writer (a write takes milliseconds), so removing it is safe even while another server
+    shares the directory. Lock files stay: they are the locking mechanism itself, and
+    removing one that another process holds would let two writers in at once. Returns the
+    number of files removed.
+    """
+    removed = 0
+    for directory, _, names in os.walk(annotations):
+        for name in names:
+            if not (name.startswith(".") and _VERSION_TEMPORARY.match(name)):
+                continue
+            path = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                if now - os.lstat(path).st_mtime > older_than:
+                    os.unlink(path)
+                    removed += 1
+    return removed

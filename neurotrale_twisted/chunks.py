@@ -271,7 +271,7 @@ class ChunkSource:
     file is never served stale.
     """
 
-    def __init__(self, root: DataRoot, cache_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, root: DataRoot, cache_bytes: int = 32 * 1024 * 1024) -> None:
         self.root = root
         self.infos = InfoCache()
         self.responses: LruCache[tuple[bytes, str | None]] = LruCache(

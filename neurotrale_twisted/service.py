@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from typing import Any, cast
 
 from twisted.application import service, strports
@@ -17,6 +18,8 @@ from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from .annotations import remove_stale_temporaries
+from .datasets import find_datasets
 from .http import CorsPolicy, HttpSettings, NeurotraleSite
 from .paths import DataRoot
 
@@ -53,16 +56,16 @@ class Options(usage.Options):
         ["threads", None, None, "Threads per process for decoding and writing files.", _positive],
         ["keep-versions", None, 20, "Earlier versions kept per annotation file.", int],
         ["max-body", None, 64, "Largest request body accepted, in MiB.", _positive],
-        [
-            "cache-mb",
-            None,
-            64,
-            "Memory for cached chunk answers per process, in MiB (0: none).",
-            int,
-        ],
+        ["cache-mb", None, 32, "Memory for cached chunk answers, MiB per process.", int],
+        ["max-header-kb", None, 16, "Largest request line plus headers, in KiB.", _positive],
+        ["request-timeout", None, 60, "Seconds a client has to send a whole request.", _positive],
+        ["idle-timeout", None, 60, "Seconds an idle keep-alive connection stays open.", _positive],
+        ["htpasswd", None, None, "Apache htpasswd file (bcrypt): writes need its credentials."],
     ]
     optFlags = [
         ["follow-symlinks", None, "Let reads follow symbolic links out of the data root."],
+        ["read-only", None, "Refuse every write (403); reads are unaffected."],
+        ["auth-reads", None, "With --htpasswd, reads need credentials too."],
     ]
     compData = usage.Completions(optActions={"path": usage.CompleteDirs()})
 
@@ -93,6 +96,10 @@ class Options(usage.Options):
             self["listen"].append(f"tcp:{self['port']}")
         if not self["listen"]:
             self["listen"].append(DEFAULT_LISTEN)
+        if self["htpasswd"] is not None and not os.access(self["htpasswd"], os.R_OK):
+            raise usage.UsageError(f"cannot read the htpasswd file {self['htpasswd']!r}")
+        if self["auth-reads"] and self["htpasswd"] is None:
+            raise usage.UsageError("--auth-reads needs --htpasswd")
         if self["cache-mb"] < 0:
             raise usage.UsageError("--cache-mb must be 0 or more")
         if self["keep-versions"] < 0:
@@ -101,16 +108,34 @@ class Options(usage.Options):
             self["threads"] = default_threads()
 
 
+def clean_stale_temporaries(root: DataRoot) -> None:
+    """Remove temporary files left by writers that died (runs on a thread at start-up)."""
+    now = time.time()
+    removed = sum(
+        remove_stale_temporaries(root.root / dataset / "annotations", STALE_AFTER, now)
+        for dataset in find_datasets(root)
+    )
+    if removed:
+        log.info("removed {n} temporary file(s) left by interrupted writes", n=removed)
+
+
+#: Age in seconds after which a temporary file of an annotation write is surely abandoned.
+STALE_AFTER = 600.0
+
+
 class ThreadPoolService(service.Service):
     """Starts the server's own thread pool with the application and stops it at shutdown."""
 
-    def __init__(self, pool: ThreadPool) -> None:
+    def __init__(self, pool: ThreadPool, root: DataRoot | None = None) -> None:
         self.pool = pool
+        self.root = root
 
     def startService(self) -> None:
-        """Start the pool's threads."""
+        """Start the pool's threads, and clean up after interrupted writes in one of them."""
         super().startService()
         self.pool.start()
+        if self.root is not None:
+            self.pool.callInThread(clean_stale_temporaries, self.root)
 
     def stopService(self) -> None:
         """Let running jobs finish, then stop the threads."""
@@ -153,9 +178,9 @@ def makeService(options: Options) -> service.MultiService:
     limit_malloc_fragmentation()
     top = service.MultiService()
     pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="neurotrale")
-    ThreadPoolService(pool).setServiceParent(top)
     cors = CorsPolicy(tuple(options["cors-origin"]) or ("*",))
     root = DataRoot(options["path"], follow_symlinks=bool(options["follow-symlinks"]))
+    ThreadPoolService(pool, root).setServiceParent(top)
     app = Neurotrale(
         root,
         pool,
@@ -163,8 +188,17 @@ def makeService(options: Options) -> service.MultiService:
         keep_versions=options["keep-versions"],
         cors=cors,
         cache_bytes=options["cache-mb"] * 1024 * 1024,
+        read_only=bool(options["read-only"]),
+        htpasswd=options["htpasswd"],
+        auth_reads=bool(options["auth-reads"]),
     )
-    settings = HttpSettings(cors=cors, max_body=options["max-body"] * 1024 * 1024)
+    settings = HttpSettings(
+        cors=cors,
+        max_body=options["max-body"] * 1024 * 1024,
+        max_header_bytes=options["max-header-kb"] * 1024,
+        request_timeout=options["request-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
     site = NeurotraleSite(app.resource(), settings)
     for description in options["listen"]:
         strports.service(description, site).setServiceParent(top)

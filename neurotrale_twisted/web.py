@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from .annotations import AnnotationStore
+from .auth import WritePolicy, make_portal
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
 from .datasets import find_datasets
 from .errors import BadRequest, DomainError, NotFound
@@ -129,8 +130,14 @@ class Neurotrale:
         reactor: IReactorFromThreads,
         keep_versions: int = 20,
         cors: CorsPolicy | None = None,
-        cache_bytes: int = 64 * 1024 * 1024,
+        cache_bytes: int = 32 * 1024 * 1024,
+        read_only: bool = False,
+        htpasswd: str | None = None,
+        auth_reads: bool = False,
     ) -> None:
+        self.read_only = read_only
+        self.htpasswd = htpasswd
+        self.auth_reads = auth_reads
         self.root = root
         self.pool = pool
         self.reactor = reactor
@@ -139,8 +146,16 @@ class Neurotrale:
         self.cors = cors or CorsPolicy()
 
     def resource(self) -> IResource:
-        """The site's root resource: the routes behind CORS and slash folding."""
-        return NeurotraleRoot(self.app.resource(), self.cors)
+        """The site's root resource: the routes behind CORS, slash folding and the write policy.
+
+        Raises ``OSError`` when the htpasswd file cannot be read.
+        """
+        routes = self.app.resource()
+        portal = (
+            None if self.htpasswd is None else make_portal(self.htpasswd, routes, self._in_thread)
+        )
+        policy = WritePolicy(self.read_only, portal, self.auth_reads)
+        return NeurotraleRoot(routes, self.cors, policy)
 
     def _in_thread(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)

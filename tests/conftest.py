@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -58,9 +59,14 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
         follow_symlinks: bool = False,
         keep_versions: int = 20,
         cors: tuple[str, ...] = ("*",),
-        max_body: int = 64 * 1024 * 1024,
+        threads: int = 8,
+        cache_bytes: int = 32 * 1024 * 1024,
+        read_only: bool = False,
+        htpasswd: str | None = None,
+        auth_reads: bool = False,
+        **http_settings: Any,
     ) -> RunningServer:
-        pool = ThreadPool(minthreads=0, maxthreads=8, name="test-pool")
+        pool = ThreadPool(minthreads=0, maxthreads=threads, name="test-pool")
         pool.start()
         policy = CorsPolicy(cors)
         app = Neurotrale(
@@ -69,8 +75,12 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
             reactor,
             keep_versions=keep_versions,
             cors=policy,
+            cache_bytes=cache_bytes,
+            read_only=read_only,
+            htpasswd=htpasswd,
+            auth_reads=auth_reads,
         )
-        settings = HttpSettings(cors=policy, max_body=max_body)
+        settings = HttpSettings(cors=policy, **http_settings)
         site = NeurotraleSite(app.resource(), settings)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         url = f"http://127.0.0.1:{port.getHost().port}"
