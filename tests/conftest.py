@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
 from neurotrale_twisted.demo import write_demo
@@ -92,6 +93,15 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
     for server in started:
         pytest_twisted.blockon(server.port.stopListening())
         server.pool.stop()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict[str, Any]]]:
+    """Every log event emitted while the test runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture

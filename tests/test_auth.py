@@ -13,19 +13,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
 from neurotrale_twisted.service import Options
 from tests.conftest import RunningServer
+from tests.support import header
 
 FIBERS = "/demo-brain/annotations/x0y0z0/fibers.json"
 RECORD = b'{"id":"new","type":"point","point":[1,2,3]}'
-
-
-def header(response: Any, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name)
-    return None if not values else values[0]
 
 
 @pytest.fixture
@@ -38,14 +33,6 @@ def htpasswd(tmp_path: Path) -> Path:
     subprocess.run([tool, "-bcBC", "4", str(path), "alice", "s3cret-pw"], check=True)
     assert path.read_text().startswith("alice:$2y$")
     return path
-
-
-@pytest.fixture
-def logged() -> Any:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest_twisted.ensureDeferred
