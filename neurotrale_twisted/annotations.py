@@ -532,10 +532,13 @@ class AnnotationStore:
 
         Raises :class:`BadRequest` for a bad file or block name, or (writes) a point outside
         the volume or a block name that is not ``x{X}y{Y}z{Z}``; :class:`NotFound` (reads)
-        when no directory matches; :class:`Forbidden` (writes) when a path would leave the
-        data root; :class:`ServerError` when ``block_info.csv`` or ``info`` is unreadable.
+        when no directory matches, and for reads and writes alike when ``dataset`` is no
+        dataset (has no ``info`` file); :class:`Forbidden` (writes) when a path would leave
+        the data root; :class:`ServerError` when ``block_info.csv`` or ``info`` is unreadable.
         """
         with self._disk_errors():
+            if not (dataset / "info").is_file():
+                raise NotFound(f"no dataset with an info file at {self._relative(dataset)!r}")
             if not ANNOTATION_NAME.match(name):
                 raise BadRequest(
                     f"bad annotation file name {_quoted(name)}: use letters, digits, '-', '_' and "
@@ -929,3 +932,25 @@ def _block_dir_name(index: tuple[int, int, int]) -> str:
 
 def _legacy_dir_name(index: tuple[int, int, int]) -> str:
     return f"x{index[0] + 1:04d}_y{index[1] + 1:04d}"
+
+
+def remove_stale_temporaries(annotations: Path, older_than: float, now: float) -> int:
+    """Remove the temporary files that writers which died left under ``annotations``.
+
+    Run at start-up: a temporary file older than ``older_than`` seconds belongs to no live
+    writer (a write takes milliseconds), so removing it is safe even while another server
+    shares the directory. Lock files stay: they are the locking mechanism itself, and
+    removing one that another process holds would let two writers in at once. Returns the
+    number of files removed.
+    """
+    removed = 0
+    for directory, _, names in os.walk(annotations):
+        for name in names:
+            if not (name.startswith(".") and _VERSION_TEMPORARY.match(name)):
+                continue
+            path = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                if now - os.lstat(path).st_mtime > older_than:
+                    os.unlink(path)
+                    removed += 1
+    return removed

@@ -14,13 +14,17 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import tifffile
 
+from .cache import LruCache
+from .encoding import encode_body
 from .errors import NotFound, ServerError
 from .paths import DataRoot
 
@@ -76,13 +80,24 @@ class ScaleFormat:
 
 
 @dataclass(frozen=True)
-class DecodedChunk:
-    """A chunk ready to send: its raw bytes (None when the client's ETag matched)."""
+class ChunkResponse:
+    """A chunk ready to send: the body in ``coding`` (None: identity), or no body at all
+    when the client already holds this representation (the web layer answers 304)."""
 
-    raw: bytes | None
+    body: bytes | None
+    coding: str | None
     etag: str
     modified: float
-    path: Path
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """Where an uncompressed, contiguous, little-endian TIFF keeps its voxels in the file."""
+
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[np.generic]
 
 
 class InfoCache:
@@ -143,9 +158,18 @@ def find_chunk_file(root: DataRoot, scale_dir: Path, name: ChunkName) -> Path:
     raise NotFound(f"no chunk {name.stem}")
 
 
+def file_version(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What identifies one version of a file's content: device, inode, size, mtime, ctime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def file_etag(st: os.stat_result) -> str:
-    """A strong ETag for a file's current version (device, inode, size, mtime)."""
-    ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+    """A strong ETag for a file's current version (device, inode, size, mtime, ctime).
+
+    The ctime changes on every write and cannot be set back, so a file rewritten in place
+    with its old size and mtime restored (``cp -p``) still gets a new ETag.
+    """
+    ident = f"{file_version(st)}".encode()
     return '"' + hashlib.blake2b(ident, digest_size=12).hexdigest() + '"'
 
 
@@ -184,39 +208,108 @@ def to_raw(
 def decode_tiff(path: Path, name: ChunkName, fmt: ScaleFormat) -> bytes:
     """Read the TIFF at ``path`` and return chunk ``name`` in the raw encoding.
 
-    Any compression tifffile (with imagecodecs) can decode is accepted. Raises
-    :class:`ServerError`, naming the file, when it cannot be read or does not fit.
+    Any compression tifffile (with imagecodecs) can decode is accepted. The size the header
+    declares is checked before anything is decoded, so a corrupt header claiming a huge image
+    costs no memory. Raises :class:`ServerError`, naming the file, when it cannot be read or
+    does not fit.
     """
+    z, y, x = name.shape
+    expected = z * y * x * fmt.num_channels
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            if series.size != expected:
+                raise ServerError(
+                    f"{path}: holds {series.size} samples of shape {series.shape} but chunk "
+                    f"{name.stem} with {fmt.num_channels} channel(s) needs {expected}"
+                )
             array = series.asarray()
             axes = series.axes
+    except ServerError:
+        raise
     except Exception as e:  # tifffile raises many types for corrupt files
         raise ServerError(f"{path}: cannot decode TIFF: {type(e).__name__}: {e}") from e
     return to_raw(array, axes, name, fmt, path)
 
 
+def tagged(etag: str, coding: str | None) -> str:
+    """The ETag of the ``coding`` representation of a body whose identity ETag is ``etag``."""
+    return etag if coding is None else f"{etag[:-1]}-{coding}{etag[-1]}"
+
+
+def read_layout(path: Path) -> RawLayout | None:
+    """The byte range of the voxels of an uncompressed, contiguous, little-endian TIFF.
+
+    None when the file needs real decoding (compressed, tiled, big-endian, bit-packed,
+    planar samples...). Raises :class:`ServerError` naming the file when it cannot be parsed.
+    """
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            page = series.pages[0]
+            offset = series.dataoffset
+            if (
+                offset is None
+                or tif.byteorder != "<"
+                or page is None
+                or getattr(page, "compression", None) != 1
+                or getattr(page, "predictor", 1) != 1
+                or getattr(page, "bitspersample", 0) != series.dtype.itemsize * 8
+            ):
+                return None
+            dtype = series.dtype.newbyteorder("<")
+            return RawLayout(int(offset), int(series.size * dtype.itemsize), series.shape, dtype)
+    except Exception as e:  # tifffile raises many types for corrupt files
+        raise ServerError(f"{path}: cannot parse TIFF: {type(e).__name__}: {e}") from e
+
+
+class ChunkObserver(Protocol):
+    """Told about chunk reads, for the metrics (``metrics.ServerMetrics`` is one)."""
+
+    def chunk_decoded(self, seconds: float) -> None:
+        """A chunk's file was read and decoded into raw bytes in ``seconds``."""
+
+    def chunk_cache(self, hit: bool) -> None:
+        """An answer was looked up in the response cache: found (True) or not."""
+
+
 class ChunkSource:
-    """Finds, stats and decodes chunks of the datasets under one data root."""
+    """Finds, decodes, compresses and caches the chunks of the datasets under one root.
 
-    def __init__(self, root: DataRoot) -> None:
+    Uncompressed TIFFs whose voxels already lie in the file in the raw encoding's order are
+    answered with one ``pread`` of that byte range (the TIFF header is parsed once per file
+    version); the rest are decoded with tifffile. Encoded answers are kept in a bounded
+    :class:`LruCache` keyed by the file's identity and mtime and the coding, so an edited
+    file is never served stale.
+    """
+
+    def __init__(
+        self,
+        root: DataRoot,
+        cache_bytes: int = 32 * 1024 * 1024,
+        observer: ChunkObserver | None = None,
+    ) -> None:
         self.root = root
+        self.observer = observer
         self.infos = InfoCache()
+        self.responses: LruCache[tuple[bytes, str | None]] = LruCache(
+            cache_bytes, lambda entry: len(entry[0]) + 200
+        )
+        self.layouts: LruCache[tuple[RawLayout | None]] = LruCache(16384)
 
-    def load(
+    def respond(
         self,
         dataset: Path,
         key: str,
         name: ChunkName,
+        coding: str | None = None,
         client_has: Callable[[str], bool] | None = None,
-    ) -> DecodedChunk:
-        """Decode chunk ``name`` of scale ``key``; skip the decoding when the client has it.
+    ) -> ChunkResponse:
+        """Chunk ``name`` of scale ``key``, in ``coding`` when that makes it smaller.
 
-        ``client_has`` is called with the file's current ETag (see :func:`file_etag`); when it
-        answers True the result's ``raw`` is None (the web layer answers 304). Raises
-        :class:`NotFound` for a missing dataset, scale or chunk, and :class:`ServerError`
-        for a bad file.
+        ``client_has`` is asked about the ETags of the file's current representations; when it
+        holds one, the answer has no body. Raises :class:`NotFound` for a missing dataset,
+        scale or chunk, and :class:`ServerError` for a file that does not fit ``info``.
         """
         fmt = scale_format(self.infos.read(dataset), key, dataset)
         path = find_chunk_file(self.root, dataset / key, name)
@@ -225,6 +318,57 @@ class ChunkSource:
         except FileNotFoundError:
             raise NotFound(f"no chunk {name.stem}") from None
         etag = file_etag(st)
-        if client_has is not None and client_has(etag):
-            return DecodedChunk(None, etag, st.st_mtime, path)
-        return DecodedChunk(decode_tiff(path, name, fmt), etag, st.st_mtime, path)
+        if client_has is not None:
+            for held in (tagged(etag, coding), etag):
+                if client_has(held):
+                    return ChunkResponse(None, None, held, st.st_mtime)
+        version = (str(path), *file_version(st))
+        cached = self.responses.get((*version, coding))
+        if self.observer is not None:
+            self.observer.chunk_cache(hit=cached is not None)
+        if cached is None:
+            raw = self.responses.get((*version, None)) if coding is not None else None
+            raw_body = raw[0] if raw is not None else self._timed_raw(path, version, name, fmt)
+            if raw is None and coding is not None:
+                self.responses.put((*version, None), (raw_body, None))
+            cached = encode_body(raw_body, coding)
+            self.responses.put((*version, coding), cached)
+        body, used = cached
+        return ChunkResponse(body, used, tagged(etag, used), st.st_mtime)
+
+    def _timed_raw(
+        self, path: Path, version: tuple[object, ...], name: ChunkName, fmt: ScaleFormat
+    ) -> bytes:
+        """:meth:`_raw`, its duration told to the observer."""
+        started = time.perf_counter()
+        raw = self._raw(path, version, name, fmt)
+        if self.observer is not None:
+            self.observer.chunk_decoded(time.perf_counter() - started)
+        return raw
+
+    def _raw(
+        self, path: Path, version: tuple[object, ...], name: ChunkName, fmt: ScaleFormat
+    ) -> bytes:
+        """The chunk's raw bytes: one read of a byte range when the file allows, else decoding."""
+        entry = self.layouts.get(version)
+        if entry is None:
+            entry = (read_layout(path),)
+            self.layouts.put(version, entry)
+        layout = entry[0]
+        z, y, x = name.shape
+        if (
+            layout is not None
+            and fmt.num_channels == 1
+            and layout.dtype == fmt.dtype.newbyteorder("<")
+            and layout.nbytes == z * y * x * layout.dtype.itemsize
+            and layout.shape[-2:] == (y, x)
+        ):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, layout.nbytes, layout.offset)
+            finally:
+                os.close(fd)
+            if len(data) != layout.nbytes:
+                raise ServerError(f"{path}: truncated: {len(data)} of {layout.nbytes} bytes")
+            return data
+        return decode_tiff(path, name, fmt)

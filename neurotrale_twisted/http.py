@@ -8,18 +8,19 @@ code and a JSON body.
 
 from __future__ import annotations
 
-import gzip
+import io
 import json
 import re
-import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import zstandard
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.static import NoRangeStaticProducer
 
 log = Logger()
 
@@ -106,6 +107,29 @@ class JsonErrorResource(Resource):
         return error_response(request, self.status, self.message)
 
 
+class BodyResource(Resource):
+    """A leaf that sends a body held in memory, a piece at a time as the client reads it.
+
+    Writing a large body at once would copy it whole into the connection's buffer for as
+    long as the client takes to read it; Twisted's ``NoRangeStaticProducer`` instead writes
+    64 KiB pieces as the buffer drains, so slow clients cost little memory.
+    """
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render(self, request: IRequest) -> Any:
+        """Send the body (the handler has set the status and the other headers)."""
+        request.setHeader(b"content-length", b"%d" % len(self.body))
+        if request.method == b"HEAD":
+            return b""
+        NoRangeStaticProducer(request, io.BytesIO(self.body)).start()
+        return server.NOT_DONE_YET
+
+
 # --- ETags and conditional requests -------------------------------------------------------
 
 
@@ -152,31 +176,6 @@ def choose_encoding(accept_encoding: bytes | None) -> str | None:
     return best[1] if best else None
 
 
-_zstd = threading.local()
-
-
-def compress(body: bytes, coding: str) -> bytes:
-    """Compress ``body`` with ``coding`` at a fast level (runs on a worker thread)."""
-    if coding == "gzip":
-        return gzip.compress(body, compresslevel=1, mtime=0)
-    if coding == "zstd":
-        compressor = getattr(_zstd, "compressor", None)
-        if compressor is None:
-            compressor = _zstd.compressor = zstandard.ZstdCompressor(level=1)
-        return bytes(compressor.compress(body))
-    raise ValueError(f"unsupported coding {coding!r}")
-
-
-def encode_body(body: bytes, coding: str | None) -> tuple[bytes, str | None]:
-    """``body`` in ``coding`` when that makes it smaller; else the body as it is, and None."""
-    if coding is None or len(body) < 256:
-        return body, None
-    encoded = compress(body, coding)
-    if len(encoded) >= len(body):
-        return body, None
-    return encoded, coding
-
-
 # --- byte ranges --------------------------------------------------------------------------
 
 
@@ -216,11 +215,47 @@ def single_range(header: bytes | None, length: int) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Settings of the HTTP layer shared by the site, its requests and the root resource."""
+    """Settings of the HTTP layer shared by the site, its channels, requests and root."""
 
     cors: CorsPolicy = field(default_factory=CorsPolicy)
     #: The largest request body accepted, in bytes.
     max_body: int = 64 * 1024 * 1024
+    #: The most bytes the request line and headers of one request may take.
+    max_header_bytes: int = 16 * 1024
+    #: Seconds a client has to send a whole request (line, headers and body) once it begins.
+    request_timeout: float = 60.0
+    #: Seconds an idle connection (keep-alive, or silent after connecting) is kept open.
+    idle_timeout: float = 60.0
+
+
+def send_raw_error(
+    transport: Any, settings: HttpSettings, origin: bytes | None, status: int, message: str
+) -> None:
+    """Answer ``status`` with a JSON error straight on the connection, then close it.
+
+    For refusals that happen while a request is still arriving (a body over the limit, a
+    client too slow to finish its request), before Twisted has a request to answer.
+    """
+    body = json.dumps({"error": message, "status": status}).encode()
+    headers = [
+        b"HTTP/1.1 %d %s" % (status, http.RESPONSES.get(status, b"Error")),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+        b"Access-Control-Expose-Headers: " + EXPOSED_HEADERS,
+    ]
+    if "*" in settings.cors.origins:
+        headers.append(b"Access-Control-Allow-Origin: *")
+    elif origin is not None and origin.decode("latin-1") in settings.cors.origins:
+        headers.append(b"Access-Control-Allow-Origin: " + origin)
+        headers.append(b"Access-Control-Allow-Credentials: true")
+    transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
+    transport.loseConnection()
+
+
+def _settings_of(channel: Any) -> HttpSettings:
+    site = getattr(channel, "site", None)
+    return getattr(site, "settings", None) or HttpSettings()
 
 
 class LimitedRequest(server.Request):
@@ -233,13 +268,9 @@ class LimitedRequest(server.Request):
     _received = 0
     _refused = False
 
-    def _settings(self) -> HttpSettings:
-        site = getattr(self.channel, "site", None)
-        return getattr(site, "settings", None) or HttpSettings()
-
     def gotLength(self, length: int | None) -> None:
         """Refuse at once a declared body over the limit."""
-        if length is not None and length > self._settings().max_body:
+        if length is not None and length > _settings_of(self.channel).max_body:
             self._refuse()
             length = 0
         super().gotLength(length)
@@ -249,35 +280,22 @@ class LimitedRequest(server.Request):
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self._settings().max_body:
+        if self._received > _settings_of(self.channel).max_body:
             self._refuse()
             return
         super().handleContentChunk(data)
 
     def _refuse(self) -> None:
         self._refused = True
-        settings = self._settings()
-        limit = settings.max_body
-        body = json.dumps(
-            {"error": f"request body is larger than the limit of {limit} bytes", "status": 413}
-        ).encode()
-        headers = [
-            b"HTTP/1.1 413 Payload Too Large",
-            b"Content-Type: application/json",
-            b"Content-Length: %d" % len(body),
-            b"Connection: close",
-            b"Access-Control-Expose-Headers: " + EXPOSED_HEADERS,
-        ]
-        origin = self.getHeader(b"origin")
-        if "*" in settings.cors.origins:
-            headers.append(b"Access-Control-Allow-Origin: *")
-        elif origin is not None and origin.decode("latin-1") in settings.cors.origins:
-            headers.append(b"Access-Control-Allow-Origin: " + origin)
-        log.info("refused a request body over {limit} bytes", limit=limit)
-        transport = self.channel.transport
-        assert transport is not None
-        transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-        transport.loseConnection()
+        settings = _settings_of(self.channel)
+        log.info("refused a request body over {limit} bytes", limit=settings.max_body)
+        send_raw_error(
+            self.channel.transport,
+            settings,
+            self.getHeader(b"origin"),
+            413,
+            f"request body is larger than the limit of {settings.max_body} bytes",
+        )
 
     def process(self) -> None:
         """Process the request unless its body was refused (the 413 is already sent)."""
@@ -285,11 +303,85 @@ class LimitedRequest(server.Request):
             super().process()
 
 
+class LimitedChannel(http.HTTPChannel):
+    """An HTTP connection with the site's header-size limit and a deadline per request.
+
+    Twisted's idle timeout restarts with every byte, so a client sending one byte a second
+    would hold a connection forever; the deadline starts with a request's first byte and
+    answers 408 and closes the connection if the whole request has not arrived in time.
+    """
+
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        """Apply the header limits of the site."""
+        settings = _settings_of(self)
+        self.totalHeadersSize = settings.max_header_bytes
+        self.MAX_LENGTH = settings.max_header_bytes
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Start the request's deadline with its first byte."""
+        if self._deadline is None and data:
+            self._deadline = self.callLater(
+                _settings_of(self).request_timeout, self._request_too_slow
+            )
+        super().dataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header line over the limit: 431, then close."""
+        send_raw_error(
+            self.transport,
+            _settings_of(self),
+            None,
+            431,
+            f"a request or header line is longer than {self.MAX_LENGTH} bytes",
+        )
+
+    def allContentReceived(self) -> None:
+        """The request has arrived whole: its deadline is met."""
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Forget the deadline of a request that will never arrive."""
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _request_too_slow(self) -> None:
+        self._deadline = None
+        settings = _settings_of(self)
+        log.info(
+            "closed a connection that took over {t} s to send a request", t=settings.request_timeout
+        )
+        send_raw_error(
+            self.transport,
+            settings,
+            None,
+            408,
+            f"the request did not arrive within {settings.request_timeout:g} seconds",
+        )
+
+
 class NeurotraleSite(server.Site):
-    """The site: our request class and the HTTP settings it reads."""
+    """The site: our request and channel classes, and the HTTP settings they read.
+
+    Connections speak HTTP/1.1 through :class:`LimitedChannel` (Twisted's HTTP/2 switch
+    needs the optional h2 package and TLS, and would bypass the limits).
+    """
+
+    protocol = LimitedChannel  # type: ignore[assignment]
 
     def __init__(self, resource: IResource, settings: HttpSettings, **kwargs: Any) -> None:
-        super().__init__(resource, requestFactory=LimitedRequest, **kwargs)
+        super().__init__(
+            resource, requestFactory=LimitedRequest, timeout=settings.idle_timeout, **kwargs
+        )
         self.settings = settings
 
 
@@ -301,20 +393,38 @@ def fold_slashes(postpath: list[bytes]) -> list[bytes]:
     return folded
 
 
+class AccessPolicy(Protocol):
+    """Decides whether a request reaches the routes (see ``auth.WritePolicy``)."""
+
+    def render(self, request: IRequest, routes: IResource) -> Any:
+        """Render ``request`` through ``routes``, or refuse it."""
+
+
 class NeurotraleRoot(Resource):
     """The site's root: CORS on every answer, preflights, and ``//`` folded for the routes."""
 
     isLeaf = True
 
-    def __init__(self, routes: IResource, cors: CorsPolicy) -> None:
+    def __init__(
+        self, routes: IResource, cors: CorsPolicy, access: AccessPolicy | None = None
+    ) -> None:
         super().__init__()
         self.routes = routes
         self.cors = cors
+        self.access = access
 
     def render(self, request: IRequest) -> Any:
         """Apply CORS, answer ``OPTIONS``, and hand everything else to the routes."""
         self.cors.apply(request)
         if request.method == b"OPTIONS":
             return self.cors.preflight(request)
-        request.postpath = fold_slashes(request.postpath)  # type: ignore[attr-defined]
+        postpath = fold_slashes(request.postpath)  # type: ignore[attr-defined]
+        try:
+            for segment in postpath:
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            return error_response(request, http.BAD_REQUEST, "the URL path is not valid UTF-8")
+        request.postpath = postpath  # type: ignore[attr-defined]
+        if self.access is not None:
+            return self.access.render(request, self.routes)
         return self.routes.render(request)

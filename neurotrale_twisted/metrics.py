@@ -6,9 +6,9 @@ mode), and ``GET /metrics`` in any process reads them all: counters and histogra
 over every process that ever served (totals survive a worker's restart), the in-flight gauge
 over the live ones.
 
-Pure Python, no Twisted: the HTTP layer calls :meth:`ServerMetrics.request_finished`,
-the chunk route :meth:`ServerMetrics.chunk_decoded`, and a chunk cache
-:meth:`ServerMetrics.chunk_cache`.
+Pure Python, no Twisted: the HTTP layer calls :meth:`ServerMetrics.request_finished`, and
+the chunk source (``chunks.ChunkSource``, whose ``ChunkObserver`` this is)
+:meth:`ServerMetrics.chunk_decoded` and :meth:`ServerMetrics.chunk_cache`.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class ServerMetrics:
         self._m.decode.observe(seconds)
 
     def chunk_cache(self, hit: bool) -> None:
-        """The hook for a chunk cache: count one lookup that hit (True) or missed (False)."""
+        """Count one lookup in the chunk response cache that hit (True) or missed (False)."""
         (self._m.cache_hits if hit else self._m.cache_misses).inc()
 
     def worker_restarted(self) -> None:

@@ -7,7 +7,9 @@ with a default filled in by ``postOptions``, and :func:`makeService` building a
 
 from __future__ import annotations
 
+import ctypes
 import os
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -18,6 +20,8 @@ from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from .annotations import remove_stale_temporaries
+from .datasets import find_datasets
 from .http import CorsPolicy, HttpSettings
 from .metrics import ServerMetrics
 from .paths import DataRoot
@@ -56,9 +60,16 @@ class Options(usage.Options):
         ["threads", None, None, "Threads per process for decoding and writing files.", _positive],
         ["keep-versions", None, 20, "Earlier versions kept per annotation file.", int],
         ["max-body", None, 64, "Largest request body accepted, in MiB.", _positive],
+        ["cache-mb", None, 32, "Memory for cached chunk answers, MiB per process.", int],
+        ["max-header-kb", None, 16, "Largest request line plus headers, in KiB.", _positive],
+        ["request-timeout", None, 60, "Seconds a client has to send a whole request.", _positive],
+        ["idle-timeout", None, 60, "Seconds an idle keep-alive connection stays open.", _positive],
+        ["htpasswd", None, None, "Apache htpasswd file (bcrypt): writes need its credentials."],
     ]
     optFlags = [
         ["follow-symlinks", None, "Let reads follow symbolic links out of the data root."],
+        ["read-only", None, "Refuse every write (403); reads are unaffected."],
+        ["auth-reads", None, "With --htpasswd, reads need credentials too."],
         ["trust-proxy", None, "Log the client address a reverse proxy sends in X-Forwarded-For."],
     ]
     compData = usage.Completions(optActions={"path": usage.CompleteDirs()})
@@ -90,10 +101,31 @@ class Options(usage.Options):
             self["listen"].append(f"tcp:{self['port']}")
         if not self["listen"]:
             self["listen"].append(DEFAULT_LISTEN)
+        if self["htpasswd"] is not None and not os.access(self["htpasswd"], os.R_OK):
+            raise usage.UsageError(f"cannot read the htpasswd file {self['htpasswd']!r}")
+        if self["auth-reads"] and self["htpasswd"] is None:
+            raise usage.UsageError("--auth-reads needs --htpasswd")
+        if self["cache-mb"] < 0:
+            raise usage.UsageError("--cache-mb must be 0 or more")
         if self["keep-versions"] < 0:
             raise usage.UsageError("--keep-versions must be 0 or more")
         if self["threads"] is None:
             self["threads"] = default_threads()
+
+
+def clean_stale_temporaries(root: DataRoot) -> None:
+    """Remove temporary files left by writers that died (runs on a thread at start-up)."""
+    now = time.time()
+    removed = sum(
+        remove_stale_temporaries(root.root / dataset / "annotations", STALE_AFTER, now)
+        for dataset in find_datasets(root)
+    )
+    if removed:
+        log.info("removed {n} temporary file(s) left by interrupted writes", n=removed)
+
+
+#: Age in seconds after which a temporary file of an annotation write is surely abandoned.
+STALE_AFTER = 600.0
 
 
 class ThreadPoolService(service.Service):
@@ -103,14 +135,17 @@ class ThreadPoolService(service.Service):
     still need the pool to be answered.
     """
 
-    def __init__(self, pool: ThreadPool) -> None:
+    def __init__(self, pool: ThreadPool, root: DataRoot | None = None) -> None:
         self.pool = pool
+        self.root = root
         self.drained: Callable[[], Deferred[None]] | None = None
 
     def startService(self) -> None:
-        """Start the pool's threads."""
+        """Start the pool's threads, and clean up after interrupted writes in one of them."""
         super().startService()
         self.pool.start()
+        if self.root is not None:
+            self.pool.callInThread(clean_stale_temporaries, self.root)
 
     def stopService(self) -> Deferred[None] | None:
         """Let running jobs finish, then stop the threads."""
@@ -119,6 +154,23 @@ class ThreadPoolService(service.Service):
             self.pool.stop()
             return None
         return self.drained().addCallback(lambda _: self.pool.stop())
+
+
+def limit_malloc_fragmentation() -> None:
+    """Keep glibc from hoarding freed chunk buffers, so memory follows the live data.
+
+    Chunk answers are large (512 KiB is common). glibc raises its mmap threshold after the
+    first such buffer is freed and then serves them from per-thread heaps that rarely shrink;
+    fixing the threshold returns each buffer to the system when it is freed, and fewer arenas
+    keep the threads from holding a heap each. No effect outside glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_mmap_threshold, 256 * 1024)
+    libc.mallopt(m_arena_max, 2)
 
 
 def log_to_file_from_environment() -> None:
@@ -137,13 +189,16 @@ def makeService(options: Options) -> service.MultiService:
     from .workers import WORKER_KEY, serve
 
     log_to_file_from_environment()
+    limit_malloc_fragmentation()
     top = service.MultiService()
     pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="neurotrale")
-    threads = ThreadPoolService(pool)
-    threads.setServiceParent(top)
-    metrics = ServerMetrics()
     cors = CorsPolicy(tuple(options["cors-origin"]) or ("*",))
     root = DataRoot(options["path"], follow_symlinks=bool(options["follow-symlinks"]))
+    worker = (options.get(WORKER_KEY) or {}).get("index", 0)
+    # The parent cleans up after interrupted writes; its workers need not do it again.
+    threads = ThreadPoolService(pool, None if worker else root)
+    threads.setServiceParent(top)
+    metrics = ServerMetrics()
     app = Neurotrale(
         root,
         pool,
@@ -151,13 +206,23 @@ def makeService(options: Options) -> service.MultiService:
         keep_versions=options["keep-versions"],
         cors=cors,
         metrics=metrics,
+        cache_bytes=options["cache-mb"] * 1024 * 1024,
+        read_only=bool(options["read-only"]),
+        htpasswd=options["htpasswd"],
+        auth_reads=bool(options["auth-reads"]),
     )
-    settings = HttpSettings(cors=cors, max_body=options["max-body"] * 1024 * 1024)
+    settings = HttpSettings(
+        cors=cors,
+        max_body=options["max-body"] * 1024 * 1024,
+        max_header_bytes=options["max-header-kb"] * 1024,
+        request_timeout=options["request-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
     site = ServingSite(
         app.resource(),
         settings,
         metrics,
-        worker=(options.get(WORKER_KEY) or {}).get("index", 0),
+        worker=worker,
         trust_proxy=bool(options["trust-proxy"]),
     )
     serve(options, site, top, threads)

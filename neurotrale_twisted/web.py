@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import os
-import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import quote, unquote_to_bytes
@@ -29,17 +28,18 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from .annotations import AnnotationStore
+from .auth import WritePolicy, make_portal
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
 from .datasets import find_datasets
 from .errors import BadRequest, DomainError, NotFound
 from .health import Health, check_data_root
 from .http import (
+    BodyResource,
     CorsPolicy,
     JsonErrorResource,
     NeurotraleRoot,
     Unsatisfiable,
     choose_encoding,
-    encode_body,
     error_response,
     json_body,
     none_match,
@@ -67,11 +67,6 @@ class AnnotationNameConverter(BaseConverter):
     """A URL segment that is an annotation file name ending in ``.json``."""
 
     regex = r"[A-Za-z0-9_.\-]+\.json"
-
-
-def tagged(etag: str, coding: str | None) -> str:
-    """The ETag of the ``coding`` representation of a body whose identity ETag is ``etag``."""
-    return etag if coding is None else f"{etag[:-1]}-{coding}{etag[-1]}"
 
 
 class DataFile(File):
@@ -139,18 +134,33 @@ class Neurotrale:
         keep_versions: int = 20,
         cors: CorsPolicy | None = None,
         metrics: ServerMetrics | None = None,
+        cache_bytes: int = 32 * 1024 * 1024,
+        read_only: bool = False,
+        htpasswd: str | None = None,
+        auth_reads: bool = False,
     ) -> None:
+        self.read_only = read_only
+        self.htpasswd = htpasswd
+        self.auth_reads = auth_reads
         self.root = root
         self.pool = pool
         self.reactor = reactor
-        self.chunks = ChunkSource(root)
+        self.metrics = metrics or ServerMetrics()
+        self.chunks = ChunkSource(root, cache_bytes=cache_bytes, observer=self.metrics)
         self.annotations = AnnotationStore(root, keep_versions=keep_versions)
         self.cors = cors or CorsPolicy()
-        self.metrics = metrics or ServerMetrics()
 
     def resource(self) -> IResource:
-        """The site's root resource: the routes behind CORS and slash folding."""
-        return NeurotraleRoot(self.app.resource(), self.cors)
+        """The site's root resource: the routes behind CORS, slash folding and the write policy.
+
+        Raises ``OSError`` when the htpasswd file cannot be read.
+        """
+        routes = self.app.resource()
+        portal = (
+            None if self.htpasswd is None else make_portal(self.htpasswd, routes, self._in_thread)
+        )
+        policy = WritePolicy(self.read_only, portal, self.auth_reads)
+        return NeurotraleRoot(routes, self.cors, policy)
 
     def _in_thread(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
@@ -187,7 +197,9 @@ class Neurotrale:
     # --- image chunks ---------------------------------------------------------------------
 
     @app.route("/<path:dataset>/<key>/<chunk:chunk>", methods=READ_METHODS)
-    async def chunk(self, request: IRequest, dataset: str, key: str, chunk: str) -> bytes:
+    async def chunk(
+        self, request: IRequest, dataset: str, key: str, chunk: str
+    ) -> bytes | IResource:
         """One image chunk in the precomputed raw encoding, compressed when the client accepts."""
         name = ChunkName.parse(chunk)
         if name is None:
@@ -200,41 +212,30 @@ class Neurotrale:
         inm = request.getHeader(b"if-none-match")
 
         def client_has(etag: str) -> bool:
-            return inm is not None and (
-                none_match(inm, etag) or none_match(inm, tagged(etag, coding))
-            )
+            return inm is not None and none_match(inm, etag)
 
-        def load() -> tuple[bytes | None, str | None, str, float]:
-            started = time.perf_counter()
-            decoded = self.chunks.load(dataset_dir, key, name, client_has)
-            if decoded.raw is not None:
-                self.metrics.chunk_decoded(time.perf_counter() - started)
-            if decoded.raw is None:
-                return None, None, decoded.etag, decoded.modified
-            body, used = encode_body(decoded.raw, coding)
-            return body, used, decoded.etag, decoded.modified
-
-        body, used, etag, modified = await self._in_thread(load)
+        answer = await self._in_thread(
+            self.chunks.respond, dataset_dir, key, name, coding, client_has
+        )
         request.setHeader(b"vary", b"Accept-Encoding")
         request.setHeader(b"cache-control", b"no-cache")
-        request.setHeader(b"last-modified", http.datetimeToString(modified))
+        request.setHeader(b"last-modified", http.datetimeToString(answer.modified))
+        request.setHeader(b"etag", answer.etag.encode())
+        body = answer.body
         if body is None:
-            request.setHeader(b"etag", etag.encode())
             request.setResponseCode(http.NOT_MODIFIED)
             return b""
-        request.setHeader(b"etag", tagged(etag, used).encode())
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"accept-ranges", b"bytes")
-        if used is not None:
-            request.setHeader(b"content-encoding", used.encode())
+        if answer.coding is not None:
+            request.setHeader(b"content-encoding", answer.coding.encode())
         span = single_range(range_header, len(body))
         if span is not None:
             start, end = span
             request.setResponseCode(http.PARTIAL_CONTENT)
             request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end - 1, len(body)))
             body = body[start:end]
-        request.setHeader(b"content-length", b"%d" % len(body))
-        return body
+        return BodyResource(body)
 
     # --- annotations ----------------------------------------------------------------------
 

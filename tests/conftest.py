@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
 from neurotrale_twisted.demo import write_demo
@@ -58,9 +60,14 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
         follow_symlinks: bool = False,
         keep_versions: int = 20,
         cors: tuple[str, ...] = ("*",),
-        max_body: int = 64 * 1024 * 1024,
+        threads: int = 8,
+        cache_bytes: int = 32 * 1024 * 1024,
+        read_only: bool = False,
+        htpasswd: str | None = None,
+        auth_reads: bool = False,
+        **http_settings: Any,
     ) -> RunningServer:
-        pool = ThreadPool(minthreads=0, maxthreads=8, name="test-pool")
+        pool = ThreadPool(minthreads=0, maxthreads=threads, name="test-pool")
         pool.start()
         policy = CorsPolicy(cors)
         app = Neurotrale(
@@ -69,8 +76,12 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
             reactor,
             keep_versions=keep_versions,
             cors=policy,
+            cache_bytes=cache_bytes,
+            read_only=read_only,
+            htpasswd=htpasswd,
+            auth_reads=auth_reads,
         )
-        settings = HttpSettings(cors=policy, max_body=max_body)
+        settings = HttpSettings(cors=policy, **http_settings)
         site = NeurotraleSite(app.resource(), settings)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         url = f"http://127.0.0.1:{port.getHost().port}"
@@ -82,6 +93,15 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
     for server in started:
         pytest_twisted.blockon(server.port.stopListening())
         server.pool.stop()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict[str, Any]]]:
+    """Every log event emitted while the test runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture

@@ -60,6 +60,12 @@ def write_chunk(
     return path
 
 
+def header(response: Any, name: str) -> str | None:
+    """The first value of response header ``name``, or None."""
+    values = response.headers.getRawHeaders(name)
+    return None if not values else values[0]
+
+
 def raw_of(volume_czyx: Any) -> bytes:
     """What the server must send for a (c, z, y, x) array: little-endian, x fastest."""
     array = np.asarray(volume_czyx)

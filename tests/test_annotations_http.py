@@ -12,18 +12,13 @@ import treq
 from twisted.internet.defer import gatherResults
 
 from tests.conftest import RunningServer
-from tests.support import write_info
+from tests.support import header, write_info
 
 FIBERS = "/demo-brain/annotations/x0y0z0/fibers.json"
 VIEWER_HEADERS = {
     "Content-Type": "text/plain;charset=UTF-8",
     "Origin": "http://viewer.example",
 }
-
-
-def header(response: Any, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name)
-    return None if not values else values[0]
 
 
 def record(rid: str, z: int = 5, **extra: Any) -> dict[str, Any]:

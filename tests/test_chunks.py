@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neurotrale_twisted.chunks import ChunkName, ChunkSource, InfoCache, decode_tiff, scale_format
+from neurotrale_twisted.cache import LruCache
+from neurotrale_twisted.chunks import (
+    ChunkName,
+    ChunkSource,
+    InfoCache,
+    decode_tiff,
+    read_layout,
+    scale_format,
+)
 from neurotrale_twisted.errors import NotFound, ServerError
 from neurotrale_twisted.paths import DataRoot
 from tests.support import raw_of, write_chunk, write_info
@@ -140,16 +151,18 @@ def test_missing_things_are_not_found(tmp_path: Path) -> None:
     source = ChunkSource(DataRoot(tmp_path))
     name = ChunkName(0, 8, 0, 8, 0, 2)
     with pytest.raises(NotFound):
-        source.load(tmp_path / "nothing", "1_1_1", name)
+        source.respond(tmp_path / "nothing", "1_1_1", name)
     write_info(tmp_path / "ds", (8, 8, 2))
     with pytest.raises(NotFound):
-        source.load(tmp_path / "ds", "2_2_2", name)
+        source.respond(tmp_path / "ds", "2_2_2", name)
     with pytest.raises(NotFound):
-        source.load(tmp_path / "ds", "1_1_1", name)
+        source.respond(tmp_path / "ds", "1_1_1", name)
     write_chunk(
         tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"), suffix=".tif"
     )
-    assert source.load(tmp_path / "ds", "1_1_1", name).raw == raw_of(np.ones((1, 2, 8, 8), "<u2"))
+    assert source.respond(tmp_path / "ds", "1_1_1", name).body == raw_of(
+        np.ones((1, 2, 8, 8), "<u2")
+    )
 
 
 def test_info_is_reread_when_it_changes(tmp_path: Path) -> None:
@@ -165,9 +178,9 @@ def test_client_with_current_etag_skips_decoding(tmp_path: Path) -> None:
     write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"))
     source = ChunkSource(DataRoot(tmp_path))
     name = ChunkName(0, 8, 0, 8, 0, 2)
-    first = source.load(tmp_path, "1_1_1", name)
-    again = source.load(tmp_path, "1_1_1", name, lambda etag: etag == first.etag)
-    assert again.raw is None and again.etag == first.etag
+    first = source.respond(tmp_path, "1_1_1", name)
+    again = source.respond(tmp_path, "1_1_1", name, None, lambda etag: etag == first.etag)
+    assert again.body is None and again.etag == first.etag
 
 
 def test_big_endian_file_is_served_little_endian(tmp_path: Path) -> None:
@@ -176,5 +189,68 @@ def test_big_endian_file_is_served_little_endian(tmp_path: Path) -> None:
     with tifffile.TiffFile(path) as tif:
         assert tif.byteorder == ">"
     write_info(tmp_path, (4, 3, 2))
-    raw = ChunkSource(DataRoot(tmp_path)).load(tmp_path, "1_1_1", ChunkName(0, 4, 0, 3, 0, 2)).raw
+    raw = (
+        ChunkSource(DataRoot(tmp_path)).respond(tmp_path, "1_1_1", ChunkName(0, 4, 0, 3, 0, 2)).body
+    )
     assert raw == np.arange(24, dtype="<u2").tobytes()
+
+
+def test_uncompressed_files_are_read_as_one_byte_range(tmp_path: Path) -> None:
+    volume = np.random.default_rng(5).integers(0, 60000, (3, 5, 7), dtype="uint16")
+    write_info(tmp_path, (7, 5, 3))
+    plain = write_chunk(tmp_path, "1_1_1", (0, 7, 0, 5, 0, 3), volume)
+    packed = write_chunk(tmp_path, "1_1_1", (7, 14, 0, 5, 0, 3), volume, compression="zlib")
+    swapped = write_chunk(tmp_path, "1_1_1", (14, 21, 0, 5, 0, 3), volume, byteorder=">")
+    layout = read_layout(plain)
+    assert layout is not None and layout.shape == (3, 5, 7) and layout.nbytes == volume.nbytes
+    assert plain.read_bytes()[layout.offset : layout.offset + layout.nbytes] == volume.tobytes()
+    assert read_layout(packed) is None and read_layout(swapped) is None
+    source = ChunkSource(DataRoot(tmp_path))
+    for x0 in (0, 7, 14):
+        name = ChunkName(x0, x0 + 7, 0, 5, 0, 3)
+        assert source.respond(tmp_path, "1_1_1", name).body == volume.astype("<u2").tobytes()
+
+
+def test_cache_never_serves_a_stale_chunk(tmp_path: Path) -> None:
+    write_info(tmp_path, (8, 8, 2))
+    first, second = np.zeros((2, 8, 8), "uint16"), np.full((2, 8, 8), 7, "uint16")
+    path = write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), first)
+    source = ChunkSource(DataRoot(tmp_path))
+    name = ChunkName(0, 8, 0, 8, 0, 2)
+    for coding in (None, "zstd", "gzip"):
+        source.respond(tmp_path, "1_1_1", name, coding)
+    before = path.stat()
+    # Rewritten in place with the same size, and its mtime put back, as `cp -p` does.
+    replacement = tmp_path / "replacement.tiff"
+    tifffile.imwrite(replacement, second, photometric="minisblack")
+    with open(path, "r+b") as f:
+        f.write(replacement.read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert source.respond(tmp_path, "1_1_1", name).body == second.tobytes()
+    for coding in ("zstd", "gzip"):
+        answer = source.respond(tmp_path, "1_1_1", name, coding)
+        assert answer.body is not None
+        assert decompress(answer.body, answer.coding) == second.tobytes()
+
+
+def decompress(body: bytes, coding: str | None) -> bytes:
+    """Undo a content coding, as a client does."""
+    if coding == "gzip":
+        return gzip.decompress(body)
+    if coding == "zstd":
+        return zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 24)
+    return body
+
+
+def test_lru_cache_is_bounded_and_counts() -> None:
+    cache: LruCache[bytes] = LruCache(10, len)
+    cache.put("a", b"12345")
+    cache.put("b", b"12345")
+    assert cache.get("a") == b"12345"  # a is now the most recent
+    cache.put("c", b"123")
+    assert cache.get("b") is None and cache.get("a") == b"12345" and cache.get("c") == b"123"
+    assert cache.weight <= 10
+    cache.put("huge", b"x" * 11)
+    assert cache.get("huge") is None
+    assert (cache.hits, cache.misses) == (3, 2)

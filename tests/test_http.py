@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import select
+import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
+import treq
+from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
+from neurotrale_twisted.encoding import encode_body
 from neurotrale_twisted.http import (
     Unsatisfiable,
     choose_encoding,
-    encode_body,
     fold_slashes,
     none_match,
     single_range,
@@ -129,3 +136,108 @@ async def test_chunked_body_over_the_limit_is_refused(
     answer = await deferToThread(raw_http, server.port.getHost().port, request, 5.0)
     assert answer.startswith(b"HTTP/1.1 413")
     assert path.read_bytes() == before
+
+
+def read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    chunks = []
+    try:
+        while data := sock.recv(65536):
+            chunks.append(data)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def slow_client(port: int, interval: float, limit: float) -> tuple[bytes, float]:
+    """Send a request one byte per ``interval`` until the server answers or closes."""
+    request = b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        started = time.monotonic()
+        for byte in request:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            readable, _, _ = select.select([sock], [], [], interval)
+            if readable or time.monotonic() - started > limit:
+                break
+        answer, _ = read_until_closed(sock, limit)
+        return answer, time.monotonic() - started
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_too_slow_to_send_its_request_is_dropped(
+    serve: Callable[..., RunningServer], demo_root: Path
+) -> None:
+    server = serve(demo_root, request_timeout=1.0)
+    answer, took = await deferToThread(slow_client, server.port.getHost().port, 0.25, 10)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert 0.9 < took < 5
+
+
+def idle_client(port: int, limit: float) -> tuple[bytes, float]:
+    """Make one keep-alive request, then wait for the server to close the idle connection."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+        rest, took = read_until_closed(sock, limit)
+        return first + rest, took
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_keep_alive_connections_are_closed(
+    serve: Callable[..., RunningServer], demo_root: Path
+) -> None:
+    server = serve(demo_root, idle_timeout=1.0)
+    answer, took = await deferToThread(idle_client, server.port.getHost().port, 10)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert took < 5  # closed by the server, not by our 10 s limit
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_over_the_limit_are_refused(
+    serve: Callable[..., RunningServer], demo_root: Path
+) -> None:
+    server = serve(demo_root, max_header_bytes=2048)
+    port = server.port.getHost().port
+    small = b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 1000 + b"\r\n\r\n"
+    long_line = b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 3000 + b"\r\n\r\n"
+    many = b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\n" + b"X-A: " + b"a" * 1500 + b"\r\n"
+    many += b"X-B: " + b"b" * 1500 + b"\r\n\r\n"
+    assert (await deferToThread(raw_http, port, small, 5.0)).startswith(b"HTTP/1.1 200")
+    assert (await deferToThread(raw_http, port, long_line, 5.0)).startswith(b"HTTP/1.1 431")
+    assert (await deferToThread(raw_http, port, many, 5.0)).startswith(b"HTTP/1.1 400")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_chunk_requests_queues_behind_the_decode_threads(
+    serve: Callable[..., RunningServer], demo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = serve(demo_root, threads=2, cache_bytes=0)
+    source = server.app.chunks
+    running, peak = [0], [0]
+    lock = threading.Lock()
+    original = source._raw
+
+    def counting(*args: Any) -> bytes:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.01)
+            return original(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(source, "_raw", counting)
+    names = sorted(p.stem for p in (demo_root / "demo-brain" / "1_1_1").glob("*.tiff"))
+    urls = [f"{server.url}/demo-brain/1_1_1/{name}" for name in names] * 3
+    responses = await gatherResults([treq.get(url) for url in urls])
+    bodies = await gatherResults([treq.content(r) for r in responses])
+    assert all(r.code == 200 for r in responses)
+    assert all(len(b) > 0 for b in bodies)
+    assert peak[0] == 2  # never more decodes at once than threads

@@ -108,25 +108,27 @@ async def test_healthz_follows_the_data_root(
 async def test_metrics_count_requests_bytes_latency_and_decoding(
     serving: Callable[[Path], tuple[str, ServingSite]], demo_root: Path
 ) -> None:
-    url, site = serving(demo_root)
+    url, _ = serving(demo_root)
     chunk = await treq.get(url + "/demo-brain/1_1_1/0-64_0-64_0-32")
     body = await treq.content(chunk)
     assert chunk.headers.getRawHeaders("x-neurotrale-worker")[0].startswith("0; pid=")
+    again = await treq.get(url + "/demo-brain/1_1_1/0-64_0-64_0-32")
+    assert await treq.content(again) == body  # from the response cache
     missing = await treq.get(url + "/demo-brain/1_1_1/0-64_0-64_64-96")
     await treq.content(missing)
     assert missing.code == 404
-    site.metrics.chunk_cache(hit=True)  # the hook a chunk cache calls
 
     response = await treq.get(url + "/metrics")
     assert response.code == 200
     assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=")
     text = (await treq.content(response)).decode()
     ok = 'neurotrale_http_requests_total{method="GET",route="chunk",status="200"}'
-    assert metric(text, ok) == 1
+    assert metric(text, ok) == 2
     assert metric(text, ok.replace("200", "404")) == 1
     sent = metric(text, 'neurotrale_http_response_bytes_total{route="chunk"}')
-    assert 0 < sent < len(body) + 200  # as sent: treq asked for gzip
-    assert metric(text, 'neurotrale_http_request_duration_seconds_count{route="chunk"}') == 2
+    assert 0 < sent < 2 * (len(body) + 200)  # as sent: treq asked for gzip
+    assert metric(text, 'neurotrale_http_request_duration_seconds_count{route="chunk"}') == 3
     assert metric(text, "neurotrale_chunk_decode_seconds_count") == 1
     assert metric(text, "neurotrale_chunk_cache_hits_total") == 1
+    assert metric(text, "neurotrale_chunk_cache_misses_total") == 1
     assert metric(text, "neurotrale_http_requests_in_flight") == 1  # this request

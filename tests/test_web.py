@@ -10,24 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import pytest_twisted
 import tifffile
 import treq
 import zstandard
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 
 from tests.conftest import RunningServer
-from tests.support import fetch_raw, raw_http, raw_of, write_chunk, write_info
+from tests.support import fetch_raw, header, raw_http, raw_of, write_chunk, write_info
 
 CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
 BROWSER_ENCODINGS = "gzip, deflate, br, zstd"
-
-
-def header(response: Any, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name)
-    return None if not values else values[0]
 
 
 def expected_chunk(root: Path, relative: str) -> bytes:
@@ -182,14 +175,6 @@ async def test_nested_multichannel_and_compressed_datasets(
     assert await treq.content(response) == zyx.astype("<u4").tobytes()
     index = await treq.content(await treq.get(server.url + "/"))
     assert b'href="/lab/2024/brain7/"' in index and b'href="/lzw/"' in index
-
-
-@pytest.fixture
-def logged() -> Any:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest_twisted.ensureDeferred

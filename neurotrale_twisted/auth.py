@@ -1,0 +1,194 @@
+"""Write protection: a read-only switch, and HTTP Basic credentials from an htpasswd file.
+
+Checking credentials goes through ``twisted.cred``: a :class:`HtpasswdChecker` (bcrypt
+entries of an Apache htpasswd file, re-read when the file changes) behind a ``Portal``
+whose realm hands back the routes. bcrypt is slow on purpose, so it runs on the server's
+thread pool and a verified (user, password, entry) is remembered for a while.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import bcrypt
+from twisted.cred import credentials, error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.guard import BasicCredentialFactory
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.util import DeferredResource
+from zope.interface import implementer
+
+from .http import JsonErrorResource, error_response
+
+log = Logger()
+
+#: Methods that change files.
+WRITE_METHODS = frozenset({b"PUT", b"PATCH", b"DELETE", b"POST"})
+#: How long a verified password is trusted before bcrypt checks it again, in seconds.
+VERIFIED_FOR = 300.0
+
+
+def read_htpasswd(path: str) -> dict[bytes, bytes]:
+    """The bcrypt entries (``user:$2y$...``) of an htpasswd file; other lines are skipped.
+
+    Raises ``OSError`` when the file cannot be read.
+    """
+    entries: dict[bytes, bytes] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            user, sep, hashed = line.partition(b":")
+            if not sep or not hashed.startswith((b"$2a$", b"$2b$", b"$2y$")):
+                log.warn(
+                    "{path}:{number}: not a bcrypt entry (make one with htpasswd -B); skipped",
+                    path=path,
+                    number=number,
+                )
+                continue
+            entries[user] = hashed
+    return entries
+
+
+@implementer(ICredentialsChecker)
+class HtpasswdChecker:
+    """Checks user names and passwords against the bcrypt entries of an htpasswd file."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(
+        self, path: str, run_in_thread: Callable[..., Deferred[Any]], clock: Any = time
+    ) -> None:
+        self.path = path
+        self._run_in_thread = run_in_thread
+        self._clock = clock
+        self._stamp: tuple[int, int] | None = None
+        self._entries: dict[bytes, bytes] = {}
+        self._verified: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._entries_now()  # a missing or unreadable file stops the server at start-up
+
+    def _entries_now(self) -> dict[bytes, bytes]:
+        st = os.stat(self.path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._entries = read_htpasswd(self.path)
+            self._stamp = stamp
+            self._verified.clear()
+        return self._entries
+
+    def requestAvatarId(self, creds: Any) -> Deferred[bytes | tuple[()]]:
+        """The user name, once the password matches its entry; ``UnauthorizedLogin`` else."""
+        try:
+            stored = self._entries_now().get(creds.username)
+        except OSError as e:
+            log.error("cannot read {path}: {e}", path=self.path, e=e)
+            return fail(error.UnauthorizedLogin())
+        if stored is None:
+            return fail(error.UnauthorizedLogin())
+        password: bytes = creds.password
+        key = hashlib.sha256(creds.username + b"\0" + password + b"\0" + stored).digest()
+        now = self._clock.monotonic()
+        with self._lock:
+            if self._verified.get(key, 0.0) > now:
+                return succeed(bytes(creds.username))
+
+        def verified(ok: bool) -> bytes:
+            if not ok:
+                raise error.UnauthorizedLogin()
+            with self._lock:
+                self._verified[key] = self._clock.monotonic() + VERIFIED_FOR
+            return bytes(creds.username)
+
+        return self._run_in_thread(bcrypt.checkpw, password, stored).addCallback(verified)
+
+
+@implementer(IRealm)
+class RoutesRealm:
+    """Gives every authenticated user the same avatar: the application's routes."""
+
+    def __init__(self, routes: IResource) -> None:
+        self.routes = routes
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        """The routes, as an ``IResource`` avatar."""
+        if IResource not in interfaces:
+            raise NotImplementedError("only IResource avatars")
+        return IResource, self.routes, lambda: None
+
+
+class WritePolicy:
+    """Who may change files: nobody (read-only), anyone, or holders of credentials.
+
+    With credentials required (``portal`` given), writes (and reads too when
+    ``auth_reads``) must carry HTTP Basic credentials that the portal accepts; the others
+    get a JSON 401 with a ``WWW-Authenticate`` challenge. Preflights never need them.
+    """
+
+    realm_name = b"neurotrale"
+
+    def __init__(
+        self, read_only: bool = False, portal: Portal | None = None, auth_reads: bool = False
+    ) -> None:
+        self.read_only = read_only
+        self.portal = portal
+        self.auth_reads = auth_reads
+        self._basic = BasicCredentialFactory(self.realm_name)
+
+    def render(self, request: IRequest, routes: IResource) -> Any:
+        """Render ``request`` through ``routes`` if the policy lets it through."""
+        writing = request.method in WRITE_METHODS
+        if writing and self.read_only:
+            return error_response(request, 403, "this server is read-only")
+        if self.portal is None or not (writing or self.auth_reads):
+            return routes.render(request)
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, response = header.partition(b" ")
+        if scheme.lower() != b"basic":
+            return self._challenge("credentials are required").render(request)
+        try:
+            creds = self._basic.decode(response.strip(), request)
+        except error.LoginFailed:
+            return self._challenge("malformed Basic credentials").render(request)
+        login = self.portal.login(creds, None, IResource)
+
+        def granted(result: tuple[Any, IResource, Any]) -> IResource:
+            return result[1]
+
+        def refused(failure: Failure) -> IResource:
+            failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
+            return self._challenge("the credentials were refused")
+
+        return DeferredResource(login.addCallbacks(granted, refused)).render(request)
+
+    def _challenge(self, message: str) -> IResource:
+        return ChallengeResource(self.realm_name, message)
+
+
+class ChallengeResource(JsonErrorResource):
+    """A JSON 401 with the ``WWW-Authenticate`` challenge that makes clients send credentials."""
+
+    def __init__(self, realm: bytes, message: str) -> None:
+        super().__init__(401, message)
+        self.realm = realm
+
+    def render(self, request: IRequest) -> bytes:
+        """Answer 401 with the challenge."""
+        request.setHeader(b"www-authenticate", b'Basic realm="%s"' % self.realm)
+        return super().render(request)
+
+
+def make_portal(htpasswd: str, routes: IResource, run_in_thread: Callable[..., Any]) -> Portal:
+    """A portal checking ``htpasswd`` whose avatar is ``routes``."""
+    return Portal(RoutesRealm(routes), [HtpasswdChecker(htpasswd, run_in_thread)])
