@@ -4,11 +4,13 @@ Not a test: run it by hand on the machine you want figures for (wrk from Debian:
 ``apt-get install wrk``), and copy the table it prints into docs/workers.md.
 
     python bench/workers.py                    # 1 2 4 8 workers, 10 s each, both datasets
-    python bench/workers.py --workers 1 4 --seconds 20 --connections 64
+    python bench/workers.py --workers 1 4 --seconds 20 --connections 64 --cache-mb 0
 
 Each run starts a fresh server on a generated dataset (the demo volume, raw and
-zlib-compressed TIFFs), warms it up, then lets wrk ask for random chunks of scale 1_1_1
-over keep-alive connections, as a viewer does. wrk runs on the same machine, so it takes
+zlib-compressed TIFFs), with and without its chunk cache (``--cache-mb``; the demo's 36
+chunks of scale 1_1_1 fit in it, so with the cache every answer after the warm-up is a
+cache hit), warms it up, then lets wrk ask for random chunks of scale 1_1_1 over keep-alive
+connections, as a viewer does. wrk runs on the same machine, so it takes
 CPU from the server: compare the rows with each other, not with another machine.
 """
 
@@ -56,8 +58,11 @@ def lua_script(paths: list[str], directory: Path) -> Path:
     return script
 
 
-def start(root: Path, workers: int, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start(
+    root: Path, workers: int, cache_mb: int, log: Path
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
+    log.unlink(missing_ok=True)  # the text of an earlier run would look like a ready server
     env = {**os.environ, "PRECOMPUTED_LOGGING": str(log)}
     process = subprocess.Popen(
         [
@@ -71,6 +76,8 @@ def start(root: Path, workers: int, log: Path) -> tuple[subprocess.Popen[bytes],
             f"tcp:{port}:interface=127.0.0.1:backlog=1024",
             "--workers",
             str(workers),
+            "--cache-mb",
+            str(cache_mb),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -101,8 +108,9 @@ def wrk(port: int, script: Path, seconds: int, connections: int, threads: int) -
         ],
         capture_output=True,
         text=True,
-        check=True,
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"wrk failed: {result.stdout}{result.stderr}")
     out = result.stdout
 
     def find(pattern: str) -> str:
@@ -126,6 +134,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is shown")
+    parser.add_argument(
+        "--cache-mb",
+        type=int,
+        nargs="+",
+        default=[0, 32],
+        help="the server's chunk cache per process (0: every answer decoded again)",
+    )
     arguments = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -138,18 +154,33 @@ def main() -> None:
         f"wrk -t{arguments.threads} -c{arguments.connections} -d{arguments.seconds}s, "
         "random chunks of 64x64x32 uint16 (262144 bytes each), no Accept-Encoding\n"
     )
-    print("| dataset | workers | requests/s | transfer | p50 | p99 | errors |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print(
+        "| dataset | cache | workers | requests/s: median (min-max) | transfer | p50 | p99 "
+        "| errors |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    configs = [
+        (compression, cache_mb, workers)
+        for compression in ("none", "zlib")
+        for cache_mb in arguments.cache_mb
+        for workers in arguments.workers
+    ]
+    results: dict[tuple[str, int, int], list[dict[str, str]]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="neurotrale-bench-") as temporary:
         base = Path(temporary)
+        scripts = {}
         for compression in ("none", "zlib"):
             root = base / compression
             extra = [] if compression == "none" else ["--compression", compression]
             subprocess.run([DEMO, str(root), *extra], check=True, stdout=subprocess.DEVNULL)
-            script = lua_script(chunk_paths(root), base)
-            for workers in arguments.workers:
-                log = base / f"server-{compression}-{workers}.log"
-                process, port = start(root, workers, log)
+            scripts[compression] = lua_script(chunk_paths(root), base / compression)
+        # Rounds go over every configuration in turn, so that other load on the machine
+        # spreads over all of them instead of spoiling one.
+        for _ in range(arguments.repeat):
+            for compression, cache_mb, workers in configs:
+                log = base / f"server-{compression}-{cache_mb}-{workers}.log"
+                process, port = start(base / compression, workers, cache_mb, log)
+                script = scripts[compression]
                 try:
                     wrk(port, script, 2, arguments.connections, arguments.threads)  # warm up
                     figures = wrk(
@@ -158,12 +189,17 @@ def main() -> None:
                 finally:
                     process.send_signal(signal.SIGTERM)
                     process.wait(timeout=30)
-                print(
-                    f"| {compression} TIFF | {workers} | {figures['requests/s']} | "
-                    f"{figures['MB/s']}/s | {figures['p50']} | {figures['p99']} | "
-                    f"{figures['errors']} |",
-                    flush=True,
-                )
+                results[(compression, cache_mb, workers)].append(figures)
+    for (compression, cache_mb, workers), runs in results.items():
+        runs.sort(key=lambda f: float(f["requests/s"]))
+        median = runs[len(runs) // 2]
+        spread = f" ({runs[0]['requests/s']}-{runs[-1]['requests/s']})" if len(runs) > 1 else ""
+        print(
+            f"| {compression} TIFF | {cache_mb} MiB | {workers} | "
+            f"{median['requests/s']}{spread} | {median['MB/s']}/s | {median['p50']} | "
+            f"{median['p99']} | {median['errors']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
