@@ -65,6 +65,7 @@ WORKER_KEY = "worker"
 #: Environment variables that belong to the parent alone.
 _PARENT_ONLY_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+_ADDRESSES = ((IPv6Address, "INET6"), (IPv4Address, "INET"), (UNIXAddress, "UNIX"))
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,7 @@ class _RecordingEndpoint:
         if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd"):
             return None
         host = port.getHost()
-        family = (
-            "INET6"
-            if isinstance(host, IPv6Address)
-            else "INET"
-            if isinstance(host, IPv4Address)
-            else "UNIX"
-            if isinstance(host, UNIXAddress)
-            else None
-        )
+        family = next((name for kind, name in _ADDRESSES if isinstance(host, kind)), None)
         if family is None:
             return None
         return fileno(), SharedSocket(fd, family, self.description if kind == "ssl" else None)
