@@ -617,8 +617,13 @@ class AnnotationStore:
         raise ServerError(f"{self._relative(csv)} does not give a block size 'sx,sy,sz'")
 
     def _check_inside(self, dataset: Path, point: tuple[int, int, int]) -> None:
-        """Raise :class:`BadRequest` unless ``point`` lies in the volume of ``info``."""
+        """Raise :class:`BadRequest` unless ``point`` lies in the volume of ``info``.
+
+        Raises :class:`NotFound` when ``dataset`` has no ``info`` file (it is no dataset).
+        """
         info = dataset / "info"
+        if not info.is_file():
+            raise NotFound(f"no dataset with an info file at {self._relative(dataset)}")
         try:
             size = json.loads(info.read_bytes())["scales"][0]["size"]
             bounds = (int(size[0]), int(size[1]), int(size[2]))

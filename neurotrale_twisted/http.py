@@ -60,7 +60,8 @@ class CorsPolicy:
         asked = request.getHeader(b"access-control-request-headers")
         request.setHeader(b"access-control-allow-headers", asked or DEFAULT_ALLOWED_HEADERS)
         request.setHeader(b"access-control-max-age", b"86400")
-        request.setHeader(b"allow", ALLOWED_METHODS)
+        # No ``Allow`` here: it would have to name the methods of the route at this path, and
+        # browsers read only ``Access-Control-Allow-Methods``.
         return b""
 
 

@@ -112,8 +112,18 @@ class DataFile(File):
             return self.redirect(request)
         if self.basename() == "info":
             self.type, self.encoding = "application/json", None
-        if request.setETag(file_etag(os.stat(self.path)).encode()) is http.CACHED:
+        status = os.stat(self.path)
+        if request.setETag(file_etag(status).encode()) is http.CACHED:
             return b""
+        try:
+            single_range(request.getHeader(b"range"), status.st_size)
+        except Unsatisfiable:
+            # File would answer an empty body under the file's own content type.
+            body = error_response(
+                request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
+            )
+            request.setHeader(b"content-range", b"bytes */%d" % status.st_size)
+            return body
         return super().render_GET(request)
 
     render_HEAD = render_GET
@@ -330,7 +340,8 @@ class Neurotrale:
         assert isinstance(error, HTTPException)
         status = error.code or 500
         if status == http.NOT_ALLOWED:
-            request.setHeader(b"allow", b"GET, HEAD, OPTIONS")
+            allowed = sorted(getattr(error, "valid_methods", None) or READ_METHODS)
+            request.setHeader(b"allow", ", ".join([*allowed, "OPTIONS"]).encode())
             return error_response(
                 request, status, f"method {request.method.decode()} is not allowed here"
             )
