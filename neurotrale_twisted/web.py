@@ -27,6 +27,7 @@ from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
+from . import docs
 from .annotations import AnnotationStore
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
 from .datasets import find_datasets
@@ -187,6 +188,34 @@ class Neurotrale:
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         scheme = "https" if request.isSecure() else "http"
         return f"{scheme}://{host}"
+
+    # --- API documentation (before the static files' catch-all, which it shadows) --------
+
+    @app.route("/api", methods=READ_METHODS)
+    def api_redirect(self, request: IRequest) -> bytes:
+        """``/api`` is ``/api/`` (a relative ``Location`` keeps a proxy's path prefix)."""
+        request.setResponseCode(http.MOVED_PERMANENTLY)
+        request.setHeader(b"location", b"api/")
+        return b""
+
+    @app.route("/api/", methods=READ_METHODS)
+    async def api_page(self, request: IRequest) -> bytes:
+        """Swagger UI's page."""
+        return await self._docs_file(request, "index.html")
+
+    @app.route("/api/openapi.json", methods=READ_METHODS)
+    async def api_document(self, request: IRequest) -> bytes:
+        """The OpenAPI document of every route here."""
+        return await self._docs_file(request, "openapi.json")
+
+    @app.route("/api/<asset>", methods=READ_METHODS)
+    async def api_asset(self, request: IRequest, asset: str) -> bytes:
+        """One of Swagger UI's files, from this host."""
+        return await self._docs_file(request, asset)
+
+    async def _docs_file(self, request: IRequest, name: str) -> bytes:
+        coding = choose_encoding(request.getHeader(b"accept-encoding"))
+        return docs.respond(request, await self._in_thread(docs.prepare, name, coding))
 
     # --- image chunks ---------------------------------------------------------------------
 
