@@ -103,8 +103,9 @@ class JsonErrorResource(Resource):
         self.message = message
 
     def render(self, request: IRequest) -> bytes:
-        """Answer the error."""
-        return error_response(request, self.status, self.message)
+        """Answer the error (headers only for ``HEAD``, which Twisted would log otherwise)."""
+        body = error_response(request, self.status, self.message)
+        return b"" if request.method == b"HEAD" else body
 
 
 # --- ETags and conditional requests -------------------------------------------------------

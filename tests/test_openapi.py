@@ -52,7 +52,6 @@ def test_every_route_is_described_and_every_description_routed() -> None:
         if text in rules:
             continue
         assert text in PENDING, f"{text} is described but not routed"
-        assert routed_endpoint(text) == "static", f"{text} is routed now: drop it from PENDING"
 
 
 def test_document_is_valid_openapi_3() -> None:

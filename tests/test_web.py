@@ -425,3 +425,14 @@ async def test_405_names_the_methods_of_the_route(demo_server: RunningServer) ->
     # A preflight names no Allow (that would be the route's); browsers read the CORS header.
     preflight = await treq.request("OPTIONS", demo_server.url + CHUNK)
     assert preflight.code == 204 and header(preflight, "allow") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_of_a_missing_file_is_a_quiet_404(
+    demo_server: RunningServer, logged: list[dict[str, Any]]
+) -> None:
+    response, body = await fetch_raw(demo_server.url + "/demo-brain/mesh/info", {}, method=b"HEAD")
+    assert response.code == 404
+    assert header(response, "content-type") == "application/json"
+    assert int(header(response, "content-length") or 0) > 0 and body == b""
+    assert not any("I think I'll eat it" in str(e.get("log_format", "")) for e in logged)
