@@ -27,6 +27,7 @@ from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
+from . import docs
 from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
@@ -108,8 +109,18 @@ class DataFile(File):
             return self.redirect(request)
         if self.basename() == "info":
             self.type, self.encoding = "application/json", None
-        if request.setETag(file_etag(os.stat(self.path)).encode()) is http.CACHED:
+        status = os.stat(self.path)
+        if request.setETag(file_etag(status).encode()) is http.CACHED:
             return b""
+        try:
+            single_range(request.getHeader(b"range"), status.st_size)
+        except Unsatisfiable:
+            # File would answer an empty body under the file's own content type.
+            body = error_response(
+                request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
+            )
+            request.setHeader(b"content-range", b"bytes */%d" % status.st_size)
+            return body
         return super().render_GET(request)
 
     render_HEAD = render_GET
@@ -188,6 +199,34 @@ class Neurotrale:
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         scheme = "https" if request.isSecure() else "http"
         return f"{scheme}://{host}"
+
+    # --- API documentation (before the static files' catch-all, which it shadows) --------
+
+    @app.route("/api", methods=READ_METHODS)
+    def api_redirect(self, request: IRequest) -> bytes:
+        """``/api`` is ``/api/`` (a relative ``Location`` keeps a proxy's path prefix)."""
+        request.setResponseCode(http.MOVED_PERMANENTLY)
+        request.setHeader(b"location", b"api/")
+        return b""
+
+    @app.route("/api/", methods=READ_METHODS)
+    async def api_page(self, request: IRequest) -> bytes:
+        """Swagger UI's page."""
+        return await self._docs_file(request, "index.html")
+
+    @app.route("/api/openapi.json", methods=READ_METHODS)
+    async def api_document(self, request: IRequest) -> bytes:
+        """The OpenAPI document of every route here."""
+        return await self._docs_file(request, "openapi.json")
+
+    @app.route("/api/<asset>", methods=READ_METHODS)
+    async def api_asset(self, request: IRequest, asset: str) -> bytes:
+        """One of Swagger UI's files, from this host."""
+        return await self._docs_file(request, asset)
+
+    async def _docs_file(self, request: IRequest, name: str) -> bytes:
+        coding = choose_encoding(request.getHeader(b"accept-encoding"))
+        return docs.respond(request, await self._in_thread(docs.prepare, name, coding))
 
     # --- image chunks ---------------------------------------------------------------------
 
@@ -335,7 +374,8 @@ class Neurotrale:
         assert isinstance(error, HTTPException)
         status = error.code or 500
         if status == http.NOT_ALLOWED:
-            request.setHeader(b"allow", b"GET, HEAD, OPTIONS")
+            allowed = sorted(getattr(error, "valid_methods", None) or READ_METHODS)
+            request.setHeader(b"allow", ", ".join([*allowed, "OPTIONS"]).encode())
             return error_response(
                 request, status, f"method {request.method.decode()} is not allowed here"
             )
