@@ -620,7 +620,10 @@ class AnnotationStore:
         raise ServerError(f"{self._relative(csv)} does not give a block size 'sx,sy,sz'")
 
     def _check_inside(self, dataset: Path, point: tuple[int, int, int]) -> None:
-        """Raise :class:`BadRequest` unless ``point`` lies in the volume of ``info``."""
+        """Raise :class:`BadRequest` unless ``point`` lies in the volume of ``info``.
+
+        ``locate`` has already made sure that ``dataset`` has an ``info`` file.
+        """
         info = dataset / "info"
         try:
             size = json.loads(info.read_bytes())["scales"][0]["size"]

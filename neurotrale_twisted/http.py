@@ -61,7 +61,8 @@ class CorsPolicy:
         asked = request.getHeader(b"access-control-request-headers")
         request.setHeader(b"access-control-allow-headers", asked or DEFAULT_ALLOWED_HEADERS)
         request.setHeader(b"access-control-max-age", b"86400")
-        request.setHeader(b"allow", ALLOWED_METHODS)
+        # No ``Allow`` here: it would have to name the methods of the route at this path, and
+        # browsers read only ``Access-Control-Allow-Methods``.
         return b""
 
 
@@ -103,8 +104,9 @@ class JsonErrorResource(Resource):
         self.message = message
 
     def render(self, request: IRequest) -> bytes:
-        """Answer the error."""
-        return error_response(request, self.status, self.message)
+        """Answer the error (headers only for ``HEAD``, which Twisted would log otherwise)."""
+        body = error_response(request, self.status, self.message)
+        return b"" if request.method == b"HEAD" else body
 
 
 class BodyResource(Resource):

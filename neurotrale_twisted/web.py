@@ -27,6 +27,7 @@ from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
+from . import docs
 from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
@@ -111,8 +112,18 @@ class DataFile(File):
             return self.redirect(request)
         if self.basename() == "info":
             self.type, self.encoding = "application/json", None
-        if request.setETag(file_etag(os.stat(self.path)).encode()) is http.CACHED:
+        status = os.stat(self.path)
+        if request.setETag(file_etag(status).encode()) is http.CACHED:
             return b""
+        try:
+            single_range(request.getHeader(b"range"), status.st_size)
+        except Unsatisfiable:
+            # File would answer an empty body under the file's own content type.
+            body = error_response(
+                request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
+            )
+            request.setHeader(b"content-range", b"bytes */%d" % status.st_size)
+            return body
         return super().render_GET(request)
 
     render_HEAD = render_GET
@@ -193,6 +204,34 @@ class Neurotrale:
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         scheme = "https" if request.isSecure() else "http"
         return f"{scheme}://{host}"
+
+    # --- API documentation (before the static files' catch-all, which it shadows) --------
+
+    @app.route("/api", methods=READ_METHODS)
+    def api_redirect(self, request: IRequest) -> bytes:
+        """``/api`` is ``/api/`` (a relative ``Location`` keeps a proxy's path prefix)."""
+        request.setResponseCode(http.MOVED_PERMANENTLY)
+        request.setHeader(b"location", b"api/")
+        return b""
+
+    @app.route("/api/", methods=READ_METHODS)
+    async def api_page(self, request: IRequest) -> bytes:
+        """Swagger UI's page."""
+        return await self._docs_file(request, "index.html")
+
+    @app.route("/api/openapi.json", methods=READ_METHODS)
+    async def api_document(self, request: IRequest) -> bytes:
+        """The OpenAPI document of every route here."""
+        return await self._docs_file(request, "openapi.json")
+
+    @app.route("/api/<asset>", methods=READ_METHODS)
+    async def api_asset(self, request: IRequest, asset: str) -> bytes:
+        """One of Swagger UI's files, from this host."""
+        return await self._docs_file(request, asset)
+
+    async def _docs_file(self, request: IRequest, name: str) -> bytes:
+        coding = choose_encoding(request.getHeader(b"accept-encoding"))
+        return docs.respond(request, await self._in_thread(docs.prepare, name, coding))
 
     # --- image chunks ---------------------------------------------------------------------
 
@@ -304,14 +343,19 @@ class Neurotrale:
 
     @app.route("/healthz", methods=READ_METHODS)
     async def healthz(self, request: IRequest) -> bytes:
-        """200 while the data root is readable, else 503 (a hung mount counts after 5 s)."""
+        """200 while the data root is readable, else 503 (a hung mount counts after 5 s, and
+        so does a server that is stopping)."""
+        request.setHeader(b"cache-control", b"no-store")
+        if getattr(getattr(request, "site", None), "draining", False):
+            return json_body(
+                request, 503, {"status": "stopping", "detail": "the server is stopping"}
+            )
         check = self._in_thread(check_data_root, self.root.root)
         check.addTimeout(5, self.reactor)  # type: ignore[arg-type]
         try:
             health = await check
         except Exception:
             health = Health(False, "the data root did not answer within 5 s")
-        request.setHeader(b"cache-control", b"no-store")
         return json_body(request, http.OK if health.ok else 503, health.document())
 
     @app.route("/metrics", methods=READ_METHODS)
@@ -363,7 +407,8 @@ class Neurotrale:
         assert isinstance(error, HTTPException)
         status = error.code or 500
         if status == http.NOT_ALLOWED:
-            request.setHeader(b"allow", b"GET, HEAD, OPTIONS")
+            allowed = sorted(getattr(error, "valid_methods", None) or READ_METHODS)
+            request.setHeader(b"allow", ", ".join([*allowed, "OPTIONS"]).encode())
             return error_response(
                 request, status, f"method {request.method.decode()} is not allowed here"
             )

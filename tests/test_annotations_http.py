@@ -308,3 +308,20 @@ async def test_writes_never_follow_links_out_of_the_root(
     )
     assert response.code in (403, 404)
     assert list(outside.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_outside_any_dataset_are_404s(
+    serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    # Found by schemathesis: a write under a directory with no info file was a 500.
+    server = serve(data_root)
+    for path in (
+        "/no-such/annotations/x0y0z0/fibers.json",
+        "/demo-brain/1_1_1/annotations/x0y0z0/a.json",
+    ):
+        response = await treq.put(server.url + path, data=compact([record("a")]))
+        assert response.code == 404, path
+        assert "no dataset" in (await get_json(response))["error"]
+    assert not (data_root / "no-such").exists()
+    assert not (data_root / "demo-brain" / "1_1_1" / "annotations").exists()

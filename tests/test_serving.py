@@ -92,10 +92,14 @@ async def test_healthz_follows_the_data_root(
 ) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    url, _ = serving(root)
+    url, site = serving(root)
     response = await treq.get(url + "/healthz")
     assert response.code == 200
     assert await response.json() == {"status": "ok", "detail": "the data root is readable"}
+    site.draining = True  # the process is stopping: balancers should look elsewhere
+    response = await treq.get(url + "/healthz")
+    assert (response.code, (await response.json())["status"]) == (503, "stopping")
+    site.draining = False
     shutil.rmtree(root)
     response = await treq.get(url + "/healthz")
     assert response.code == 503

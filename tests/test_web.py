@@ -381,3 +381,43 @@ async def test_wrong_method_is_a_json_405(demo_server: RunningServer) -> None:
         response = await treq.request(method, demo_server.url + url, data=b"x")
         assert response.code == 405
         assert json.loads(await treq.content(response))["status"] == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_range_past_the_end_is_a_json_416(demo_server: RunningServer) -> None:
+    url = demo_server.url + "/demo-brain/info"
+    size = len(await treq.content(await treq.get(url)))
+    response = await treq.get(url, headers={"Range": f"bytes={size}-{size + 10}"})
+    assert response.code == 416
+    assert header(response, "content-type") == "application/json"
+    assert header(response, "content-range") == f"bytes */{size}"
+    assert json.loads(await treq.content(response)) == {
+        "error": "range not satisfiable",
+        "status": 416,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_405_names_the_methods_of_the_route(demo_server: RunningServer) -> None:
+    fibers = "/demo-brain/annotations/x0y0z0/fibers.json"
+    for url, allowed in [
+        (CHUNK, "GET, HEAD, OPTIONS"),
+        (fibers, "DELETE, GET, HEAD, PATCH, PUT, OPTIONS"),
+    ]:
+        response = await treq.post(demo_server.url + url, data=b"x")
+        assert response.code == 405
+        assert header(response, "allow") == allowed, url
+    # A preflight names no Allow (that would be the route's); browsers read the CORS header.
+    preflight = await treq.request("OPTIONS", demo_server.url + CHUNK)
+    assert preflight.code == 204 and header(preflight, "allow") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_of_a_missing_file_is_a_quiet_404(
+    demo_server: RunningServer, logged: list[dict[str, Any]]
+) -> None:
+    response, body = await fetch_raw(demo_server.url + "/demo-brain/mesh/info", {}, method=b"HEAD")
+    assert response.code == 404
+    assert header(response, "content-type") == "application/json"
+    assert int(header(response, "content-length") or 0) > 0 and body == b""
+    assert not any("I think I'll eat it" in str(e.get("log_format", "")) for e in logged)
