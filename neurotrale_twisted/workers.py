@@ -441,18 +441,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     stopping: list[bool] = []
     reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)  # type: ignore[attr-defined]
 
-    def parent_gone() -> None:
+    def stop(why: str) -> None:
+        # Once: a worker can be told twice (SIGTERM from the parent and from a `kill` of the
+        # whole process group), and a second reactor.stop() is an error.
         if not stopping:
-            log.warn("worker {index}: the parent process is gone; stopping", index=index)
+            stopping.append(True)
+            log.info("worker {index}: {why}; stopping", index=index, why=why)
             reactor.stop()  # type: ignore[attr-defined]
 
-    def leave_ctrl_c_to_the_parent() -> None:
+    def parent_gone() -> None:
+        stop("the parent process is gone")
+
+    def install_signal_handlers() -> None:
         # Ctrl-C in a terminal reaches the whole process group; the parent stops the
         # workers itself, in order, so a worker must not stop (and be restarted) first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(
+            signal.SIGTERM,
+            lambda *_: reactor.callFromThread(stop, "received SIGTERM"),  # type: ignore[attr-defined]
+        )
 
     watch = _ParentWatch(parent_gone)
-    reactor.callWhenRunning(leave_ctrl_c_to_the_parent)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(install_signal_handlers)  # type: ignore[attr-defined]
     reactor.addReader(watch)  # type: ignore[attr-defined]
     reactor.callWhenRunning(top.startService)  # type: ignore[attr-defined]
     reactor.callWhenRunning(  # type: ignore[attr-defined]
