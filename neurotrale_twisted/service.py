@@ -7,7 +7,6 @@ with a default filled in by ``postOptions``, and :func:`makeService` building a
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -156,23 +155,6 @@ class ThreadPoolService(service.Service):
         return self.drained().addCallback(lambda _: self.pool.stop())
 
 
-def limit_malloc_fragmentation() -> None:
-    """Keep glibc from hoarding freed chunk buffers, so memory follows the live data.
-
-    Chunk answers are large (512 KiB is common). glibc raises its mmap threshold after the
-    first such buffer is freed and then serves them from per-thread heaps that rarely shrink;
-    fixing the threshold returns each buffer to the system when it is freed, and fewer arenas
-    keep the threads from holding a heap each. No effect outside glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold, m_arena_max = -3, -8
-    libc.mallopt(m_mmap_threshold, 256 * 1024)
-    libc.mallopt(m_arena_max, 2)
-
-
 def log_to_file_from_environment() -> None:
     """Send the log to ``$PRECOMPUTED_LOGGING`` when it names a file."""
     target = os.environ.get("PRECOMPUTED_LOGGING")
@@ -189,7 +171,6 @@ def makeService(options: Options) -> service.MultiService:
     from .workers import WORKER_KEY, serve
 
     log_to_file_from_environment()
-    limit_malloc_fragmentation()
     top = service.MultiService()
     pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="neurotrale")
     cors = CorsPolicy(tuple(options["cors-origin"]) or ("*",))
