@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
+
+from neurotrale_twisted.demo import write_scale
 
 HERE = Path(__file__).resolve().parent
 BROWSER = "gzip, deflate, br, zstd"
@@ -57,20 +58,8 @@ def write_dataset(
 
     z, y, x = volume.shape
     directory = root / name / "1_1_1"
-    directory.mkdir(parents=True)
-    urls = []
-    for z0 in range(0, z, chunk):
-        for y0 in range(0, y, chunk):
-            for x0 in range(0, x, chunk):
-                x1, y1, z1 = min(x0 + chunk, x), min(y0 + chunk, y), min(z0 + chunk, z)
-                stem = f"{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
-                tifffile.imwrite(
-                    directory / f"{stem}.tiff",
-                    volume[z0:z1, y0:y1, x0:x1],
-                    photometric="minisblack",
-                    compression=compression,
-                )
-                urls.append(f"/{name}/1_1_1/{stem}")
+    write_scale(directory, volume, compression, (chunk, chunk, chunk))
+    urls = sorted(f"/{name}/1_1_1/{path.stem}" for path in directory.glob("*.tiff"))
     info = {
         "data_type": "uint16",
         "num_channels": 1,

@@ -65,11 +65,16 @@ def downsample(volume: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
     return halved
 
 
-def write_scale(directory: Path, volume: np.ndarray, compression: str | None) -> None:  # type: ignore[type-arg]
-    """Write one scale's chunks as ``x0-x1_y0-y1_z0-z1.tiff`` files."""
+def write_scale(
+    directory: Path,
+    volume: np.ndarray,  # type: ignore[type-arg]
+    compression: str | None,
+    chunk: tuple[int, int, int] = CHUNK,
+) -> None:
+    """Write one scale's chunks of ``chunk`` (x, y, z) voxels as ``x0-x1_y0-y1_z0-z1.tiff``."""
     directory.mkdir(parents=True, exist_ok=True)
     z, y, x = volume.shape
-    cx, cy, cz = CHUNK
+    cx, cy, cz = chunk
     for z0 in range(0, z, cz):
         for y0 in range(0, y, cy):
             for x0 in range(0, x, cx):

@@ -185,40 +185,29 @@ def test_info_and_chunk_files_follow_precomputed_tif(served: Served) -> None:
     assert (labels["type"], labels["data_type"]) == ("segmentation", "uint32")
 
 
-def test_cloud_volume_reads_every_scale_as_a_numpy_downsample(served: Served) -> None:
+def assert_served_scales(url: str, expected: list[np.ndarray]) -> None:  # type: ignore[type-arg]
+    """cloud-volume reads every scale of the dataset at ``url`` equal to ``expected`` (z, y, x)."""
     from cloudvolume import CloudVolume
 
-    expected = pyramid(served.image, 3, reference_mean)
     for mip, scale in enumerate(expected):
         volume = CloudVolume(
-            f"precomputed://{served.server.url}/brain",
-            mip=mip,
-            progress=False,
-            cache=False,
-            fill_missing=False,
+            f"precomputed://{url}", mip=mip, progress=False, cache=False, fill_missing=False
         )
         z, y, x = scale.shape
         cutout = np.asarray(volume[0:x, 0:y, 0:z])[..., 0]
+        assert cutout.dtype == scale.dtype, f"mip {mip}"
         # cloud-volume answers (x, y, z); the source planes are (z, y, x).
         assert np.array_equal(cutout.transpose(2, 1, 0), scale), f"mip {mip}"
 
 
-def test_segmentation_scales_hold_the_most_frequent_label(served: Served) -> None:
-    from cloudvolume import CloudVolume
+def test_cloud_volume_reads_every_scale_as_a_numpy_downsample(served: Served) -> None:
+    assert_served_scales(f"{served.server.url}/brain", pyramid(served.image, 3, reference_mean))
 
-    expected = pyramid(served.labels, 3, reference_mode)
-    for mip, scale in enumerate(expected):
-        volume = CloudVolume(
-            f"precomputed://{served.server.url}/labels",
-            mip=mip,
-            progress=False,
-            cache=False,
-            fill_missing=False,
-        )
-        z, y, x = scale.shape
-        cutout = np.asarray(volume[0:x, 0:y, 0:z])[..., 0]
-        assert cutout.dtype == np.uint32
-        assert np.array_equal(cutout.transpose(2, 1, 0), scale), f"mip {mip}"
+
+def test_segmentation_scales_hold_the_most_frequent_label(served: Served) -> None:
+    labels = pyramid(served.labels, 3, reference_mode)
+    assert labels[0].dtype == np.uint32
+    assert_served_scales(f"{served.server.url}/labels", labels)
 
 
 def test_one_3d_tiff_makes_the_same_dataset_as_its_planes(served: Served) -> None:
