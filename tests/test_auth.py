@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -28,7 +29,11 @@ def htpasswd(tmp_path: Path) -> Path:
     """An htpasswd file made by Apache's htpasswd with a bcrypt entry for alice."""
     tool = shutil.which("htpasswd")
     if tool is None:
-        pytest.fail("Apache's htpasswd (Debian package apache2-utils) is needed")
+        # Skipped on a machine without it; CI installs it, and there its absence is a failure.
+        missing = "Apache's htpasswd (Debian package apache2-utils) is not installed"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(missing)
+        pytest.skip(missing)
     path = tmp_path / "htpasswd"
     subprocess.run([tool, "-bcBC", "4", str(path), "alice", "s3cret-pw"], check=True)
     assert path.read_text().startswith("alice:$2y$")
