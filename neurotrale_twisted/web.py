@@ -181,10 +181,13 @@ class Neurotrale:
     @app.route("/", methods=READ_METHODS)
     @app.route("/index.html", methods=READ_METHODS)
     async def index(self, request: IRequest) -> bytes:
-        """An HTML page linking every dataset under the root."""
+        """An HTML page linking every dataset under the root.
+
+        The links are relative, so the page also works behind a proxy's path prefix.
+        """
         datasets = await self._in_thread(find_datasets, self.root)
         items = "\n".join(
-            f'<li><a href="/{quote(d)}/">{html.escape(d)}</a> '
+            f'<li><a href="{quote(d)}/">{html.escape(d)}</a> '
             f"<code>precomputed://{html.escape(self._base_url(request))}/{html.escape(d)}</code></li>"
             for d in datasets
         )
@@ -192,7 +195,7 @@ class Neurotrale:
             "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>NeuroTrALE datasets</title>"
             "</head><body><h1>Datasets</h1>\n"
             f"<ul>\n{items}\n</ul>\n"
-            f"<p>{len(datasets)} dataset(s). API documentation: <a href='/api/'>/api/</a></p>"
+            f"<p>{len(datasets)} dataset(s). API documentation: <a href='api/'>api/</a></p>"
             "</body></html>\n"
         ).encode()
         request.setHeader(b"content-type", b"text/html; charset=utf-8")

@@ -105,6 +105,13 @@ def test_requests_through_haproxy(proxied: tuple[Proxy, Twistd, bool]) -> None:
     status, headers, body = proxy.request("GET", "/data/healthz")
     assert (status, json.loads(body)["status"]) == (200, "ok")
 
+    # The index's links are relative: followed from /data/ they stay behind the prefix.
+    status, headers, body = proxy.request("GET", "/data/")
+    link = re.search(rb'<a href="([^"]+)">demo-brain</a>', body)
+    assert status == 200 and link is not None
+    status, _, _ = proxy.request("GET", "/data/" + link.group(1).decode() + "info")
+    assert status == 200
+
     status, headers, body = proxy.request("GET", "/data/demo-brain/info")
     assert status == 200
     assert headers["Content-Type"] == "application/json"

@@ -174,7 +174,7 @@ async def test_nested_multichannel_and_compressed_datasets(
     response = await treq.get(server.url + "/lzw/1_1_1/0-8_0-9_0-4")
     assert await treq.content(response) == zyx.astype("<u4").tobytes()
     index = await treq.content(await treq.get(server.url + "/"))
-    assert b'href="/lab/2024/brain7/"' in index and b'href="/lzw/"' in index
+    assert b'href="lab/2024/brain7/"' in index and b'href="lzw/"' in index
 
 
 @pytest_twisted.ensureDeferred
@@ -269,7 +269,7 @@ async def test_index_lists_datasets(demo_server: RunningServer) -> None:
         response = await treq.get(demo_server.url + url)
         assert response.code == 200
         assert header(response, "content-type") == "text/html; charset=utf-8"
-        assert b'<a href="/demo-brain/">demo-brain</a>' in await treq.content(response)
+        assert b'<a href="demo-brain/">demo-brain</a>' in await treq.content(response)
 
 
 HOSTILE = [
