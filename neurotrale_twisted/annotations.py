@@ -559,6 +559,11 @@ class AnnotationStore:
             point = (int(match[1]), int(match[2]), int(match[3])) if match else None
             index: tuple[int, int, int] | None = None
             if size is not None and point is not None:
+                # A point outside the volume names no block, even one whose directory exists.
+                try:
+                    self._check_inside(dataset, point)
+                except BadRequest as e:
+                    raise e if for_write else NotFound(e.message) from None
                 index = (point[0] // size[0], point[1] // size[1], point[2] // size[2])
                 for candidate in (_block_dir_name(index), _legacy_dir_name(index)):
                     directory = annotations / candidate
@@ -571,7 +576,8 @@ class AnnotationStore:
                 raise BadRequest(
                     f"block {_quoted(block)} does not exist and is not x{{X}}y{{Y}}z{{Z}}"
                 )
-            self._check_inside(dataset, point)
+            if index is None:  # with a block size, the point was checked above
+                self._check_inside(dataset, point)
             if index is not None:
                 legacy = self._uses_legacy_names(annotations)
                 dirname = _legacy_dir_name(index) if legacy else _block_dir_name(index)

@@ -34,6 +34,8 @@ log = Logger()
 
 #: Methods that change files.
 WRITE_METHODS = frozenset({b"PUT", b"PATCH", b"DELETE", b"POST"})
+#: bcrypt uses at most this many bytes of a password (and bcrypt 5 refuses longer ones).
+BCRYPT_MAX_PASSWORD = 72
 #: How long a verified password is trusted before bcrypt checks it again, in seconds.
 VERIFIED_FOR = 300.0
 
@@ -111,7 +113,18 @@ class HtpasswdChecker:
                 self._verified[key] = self._clock.monotonic() + VERIFIED_FOR
             return bytes(creds.username)
 
-        return self._run_in_thread(bcrypt.checkpw, password, stored).addCallback(verified)
+        if len(password) > BCRYPT_MAX_PASSWORD:
+            return fail(error.UnauthorizedLogin())  # bcrypt refuses them; no entry can match
+        return self._run_in_thread(_bcrypt_matches, password, stored).addCallback(verified)
+
+
+def _bcrypt_matches(password: bytes, stored: bytes) -> bool:
+    """Whether ``password`` matches the bcrypt hash ``stored``; False for a malformed hash."""
+    try:
+        return bool(bcrypt.checkpw(password, stored))
+    except ValueError:
+        log.warn("a bcrypt entry of the htpasswd file is malformed")
+        return False
 
 
 @implementer(IRealm)

@@ -285,11 +285,15 @@ def test_the_last_voxel_is_inside_the_volume(tmp_path: Path) -> None:
     assert path.read_bytes() == b"[]"
 
 
-def test_an_existing_directory_is_used_even_for_a_point_past_the_volume(tmp_path: Path) -> None:
+def test_a_point_past_the_volume_names_no_block_even_an_existing_one(tmp_path: Path) -> None:
     site = Site(tmp_path, block_info="512,512,512\n")
     (site.ann / "x1y1z0").mkdir()
-    # (1010, 900, 0) lies past the volume but in block (1, 1, 0), which exists.
-    assert site.locate("x1010y900z0", write=True) == site.ann / "x1y1z0" / "fibers.json"
+    # (1010, 900, 0) lies past the volume (1000 x 800 x 300) but in block (1, 1, 0), which exists.
+    with pytest.raises(BadRequest, match="outside the volume"):
+        site.locate("x1010y900z0", write=True)
+    with pytest.raises(NotFound, match="outside the volume"):
+        site.locate("x1010y900z0", write=False)
+    assert site.locate("x999y799z0", write=True) == site.ann / "x1y1z0" / "fibers.json"
 
 
 def test_huge_block_coordinates_are_just_outside_the_volume(tmp_path: Path) -> None:

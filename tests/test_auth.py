@@ -78,6 +78,9 @@ async def test_writes_need_credentials(
         assert response.code == 401, auth
         assert header(response, "www-authenticate") == 'Basic realm="neurotrale"'
         assert json.loads(await treq.content(response))["status"] == 401
+    # bcrypt refuses passwords over 72 bytes: a refusal, never a server error.
+    long_password = await treq.put(server.url + FIBERS, data=b"[]", auth=("alice", "x" * 100))
+    assert long_password.code == 401
     garbled = await treq.put(
         server.url + FIBERS, data=b"[]", headers={"Authorization": "Basic %%%"}
     )
