@@ -418,6 +418,8 @@ class NeurotraleRoot(Resource):
     def render(self, request: IRequest) -> Any:
         """Apply CORS, answer ``OPTIONS``, and hand everything else to the routes."""
         self.cors.apply(request)
+        # Browsers must take our content types as they are (a data file is never a page).
+        request.setHeader(b"x-content-type-options", b"nosniff")
         if request.method == b"OPTIONS":
             return self.cors.preflight(request)
         postpath = fold_slashes(request.postpath)  # type: ignore[attr-defined]

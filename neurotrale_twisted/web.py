@@ -30,7 +30,7 @@ from werkzeug.routing import BaseConverter
 from . import docs
 from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
-from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
+from .chunks import CHUNK_PATTERN, ChunkName, ChunkResponse, ChunkSource, file_etag
 from .datasets import find_datasets
 from .errors import BadRequest, DomainError, NotFound
 from .health import Health, check_data_root
@@ -86,6 +86,11 @@ class DataFile(File):
         ".csv": "text/csv",
         ".tif": "image/tiff",
         ".tiff": "image/tiff",
+        # A data file must never run script on this origin (where credentials may be cached).
+        **dict.fromkeys(
+            (".html", ".htm", ".xhtml", ".xht", ".svg", ".svgz", ".xml", ".xsl", ".js", ".mjs"),
+            "application/octet-stream",
+        ),
     }
     childNotFound = JsonErrorResource(404, "not found")  # type: ignore[assignment]
     forbidden = JsonErrorResource(403, "forbidden")  # type: ignore[assignment]
@@ -246,7 +251,7 @@ class Neurotrale:
         name = ChunkName.parse(chunk)
         if name is None:
             raise NotFound(f"{chunk!r} is not a chunk name")
-        dataset_dir = self.root.for_reading(dataset.split("/"))
+        segments = clean_segments(dataset.split("/"))
         clean_segments([key])
         range_header = request.getHeader(b"range")
         # A range answer is never compressed: its offsets are offsets of the raw bytes.
@@ -256,9 +261,12 @@ class Neurotrale:
         def client_has(etag: str) -> bool:
             return inm is not None and none_match(inm, etag)
 
-        answer = await self._in_thread(
-            self.chunks.respond, dataset_dir, key, name, coding, client_has
-        )
+        def respond() -> ChunkResponse:
+            # Resolving links touches the disk: off the reactor thread, like the rest.
+            dataset_dir = self.root.for_reading(segments)
+            return self.chunks.respond(dataset_dir, key, name, coding, client_has)
+
+        answer = await self._in_thread(respond)
         request.setHeader(b"vary", b"Accept-Encoding")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"last-modified", http.datetimeToString(answer.modified))
@@ -271,7 +279,14 @@ class Neurotrale:
         request.setHeader(b"accept-ranges", b"bytes")
         if answer.coding is not None:
             request.setHeader(b"content-encoding", answer.coding.encode())
-        span = single_range(range_header, len(body))
+        try:
+            span = single_range(range_header, len(body))
+        except Unsatisfiable:
+            refusal = error_response(
+                request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
+            )
+            request.setHeader(b"content-range", b"bytes */%d" % len(body))
+            return refusal
         if span is not None:
             start, end = span
             request.setResponseCode(http.PARTIAL_CONTENT)
@@ -288,21 +303,21 @@ class Neurotrale:
         segments = dataset.split("/")
         if method in (b"GET", b"HEAD"):
             return await self._read_annotation(request, segments, block, name)
-        dataset_dir = self.root.for_writing(segments)
         store = self.annotations
         if_match = _header(request, b"if-match")
         record_id = _query(request, b"id")
+        if method == b"DELETE" and record_id is None:
+            raise BadRequest("DELETE needs ?id=RECORD_ID")
         content = request.content  # type: ignore[attr-defined]
 
         def write() -> Any:
+            dataset_dir = self.root.for_writing(segments)
             path = store.locate(dataset_dir, block, name, for_write=True)
             body = content.read() if content is not None else b""
             if method == b"PUT":
                 return store.put(path, body, if_match)
             if method == b"PATCH":
                 return store.patch(path, body, record_id, if_match)
-            if record_id is None:
-                raise BadRequest("DELETE needs ?id=RECORD_ID")
             return store.delete(path, record_id, if_match)
 
         result = await self._in_thread(write)
@@ -316,7 +331,6 @@ class Neurotrale:
     async def _read_annotation(
         self, request: IRequest, segments: list[str], block: str, name: str
     ) -> bytes:
-        dataset_dir = self.root.for_reading(segments)
         store = self.annotations
         version = _query(request, b"version")
         want_list = b"versions" in _query_names(request)
@@ -324,6 +338,7 @@ class Neurotrale:
             raise BadRequest("?version= must be a positive integer")
 
         def read() -> Any:
+            dataset_dir = self.root.for_reading(segments)
             path = store.locate(dataset_dir, block, name, for_write=False)
             if want_list:
                 return store.versions(path)
@@ -395,13 +410,6 @@ class Neurotrale:
                 message=error.message,
             )
         return error_response(request, error.status, error.message)
-
-    @app.handle_errors(Unsatisfiable)
-    def unsatisfiable(self, request: IRequest, failure: Failure) -> bytes:
-        """A ``Range`` past the end of the body."""
-        return error_response(
-            request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
-        )
 
     @app.handle_errors(HTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:

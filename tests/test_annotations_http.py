@@ -126,6 +126,8 @@ async def test_patch_and_delete(serve: Callable[..., RunningServer], data_root: 
     assert json.loads(path.read_bytes()) == after
     assert (await treq.delete(f"{url}?id=new-one")).code == 404
     assert (await treq.delete(url)).code == 400
+    no_block = server.url + "/demo-brain/annotations/x150y100z40/none.json"
+    assert (await treq.delete(no_block)).code == 400  # the missing ?id is what is wrong
     fresh = server.url + "/demo-brain/annotations/x0y0z0/made-by-patch.json"
     assert (await treq.delete(f"{fresh}?id=x")).code == 404
     response = await treq.patch(f"{fresh}?id=a", data=compact({**new, "id": "a"}))

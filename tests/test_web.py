@@ -39,6 +39,7 @@ async def test_every_chunk_of_every_scale_is_byte_exact(demo_server: RunningServ
         body = await treq.content(response)
         assert response.code == 200
         assert header(response, "content-type") == "application/octet-stream"
+        assert header(response, "x-content-type-options") == "nosniff"
         assert body == expected_chunk(root, relative)
         z, y, x = tifffile.imread(path).shape
         assert len(body) == x * y * z * 2
@@ -95,6 +96,7 @@ async def test_chunk_range_is_never_compressed(demo_server: RunningServer) -> No
     assert await treq.content(response) == want[-10:]
     response = await treq.get(demo_server.url + CHUNK, headers={"Range": f"bytes={len(want)}-"})
     assert response.code == 416
+    assert header(response, "content-range") == f"bytes */{len(want)}"
     assert json.loads(await treq.content(response))["status"] == 416
 
 
@@ -231,8 +233,18 @@ async def test_unknown_types_are_never_html(
 ) -> None:
     (tmp_path / "README").write_text("<script>alert(1)</script>")
     (tmp_path / "x.unknownext").write_text("<script>alert(1)</script>")
+    for name in ("page.html", "page.htm", "image.svg", "doc.xhtml", "code.js"):
+        (tmp_path / name).write_text("<script>alert(1)</script>")
     server = serve(tmp_path)
-    for name in ("README", "x.unknownext"):
+    for name in (
+        "README",
+        "x.unknownext",
+        "page.html",
+        "page.htm",
+        "image.svg",
+        "doc.xhtml",
+        "code.js",
+    ):
         response = await treq.get(f"{server.url}/{name}")
         assert response.code == 200
         assert header(response, "content-type") == "application/octet-stream"
