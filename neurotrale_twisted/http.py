@@ -42,17 +42,22 @@ class CorsPolicy:
 
     origins: tuple[str, ...] = ("*",)
 
+    def headers(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+        """The CORS response headers for a request from ``origin`` (None: not known)."""
+        headers = [(b"access-control-expose-headers", EXPOSED_HEADERS)]
+        if "*" in self.origins:
+            headers.append((b"access-control-allow-origin", b"*"))
+        elif origin is not None and origin.decode("latin-1") in self.origins:
+            headers.append((b"access-control-allow-origin", origin))
+            headers.append((b"access-control-allow-credentials", b"true"))
+        return headers
+
     def apply(self, request: IRequest) -> None:
         """Add the CORS response headers for ``request`` (every response gets them)."""
-        if "*" in self.origins:
-            request.setHeader(b"access-control-allow-origin", b"*")
-        else:
+        if "*" not in self.origins:
             add_vary(request, b"Origin")
-            origin = request.getHeader(b"origin")
-            if origin is not None and origin.decode("latin-1") in self.origins:
-                request.setHeader(b"access-control-allow-origin", origin)
-                request.setHeader(b"access-control-allow-credentials", b"true")
-        request.setHeader(b"access-control-expose-headers", EXPOSED_HEADERS)
+        for name, value in self.headers(request.getHeader(b"origin")):
+            request.setHeader(name, value)
 
     def preflight(self, request: IRequest) -> bytes:
         """Answer an ``OPTIONS`` preflight: 204 with the methods and headers allowed."""
@@ -244,13 +249,11 @@ def send_raw_error(
         b"Content-Type: application/json",
         b"Content-Length: %d" % len(body),
         b"Connection: close",
-        b"Access-Control-Expose-Headers: " + EXPOSED_HEADERS,
+        b"X-Content-Type-Options: nosniff",
     ]
-    if "*" in settings.cors.origins:
-        headers.append(b"Access-Control-Allow-Origin: *")
-    elif origin is not None and origin.decode("latin-1") in settings.cors.origins:
-        headers.append(b"Access-Control-Allow-Origin: " + origin)
-        headers.append(b"Access-Control-Allow-Credentials: true")
+    if "*" not in settings.cors.origins:
+        headers.append(b"Vary: Origin")
+    headers.extend(name.title() + b": " + value for name, value in settings.cors.headers(origin))
     transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
     transport.loseConnection()
 

@@ -241,3 +241,20 @@ async def test_a_flood_of_chunk_requests_queues_behind_the_decode_threads(
     assert all(r.code == 200 for r in responses)
     assert all(len(b) > 0 for b in bodies)
     assert peak[0] == 2  # never more decodes at once than threads
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_sent_before_the_request_is_whole_carry_the_cors_policy(
+    serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    server = serve(data_root, max_body=1000, cors=("https://viewer.lab.org",))
+    request = (
+        b"PUT /demo-brain/annotations/x0y0z0/fibers.json HTTP/1.1\r\nHost: x\r\n"
+        b"Origin: https://viewer.lab.org\r\nContent-Length: 10000000\r\n\r\n"
+    )
+    answer = await deferToThread(raw_http, server.port.getHost().port, request, 5.0)
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"Access-Control-Allow-Origin: https://viewer.lab.org" in head
+    assert b"Access-Control-Allow-Credentials: true" in head
+    assert b"Vary: Origin" in head
