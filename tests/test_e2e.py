@@ -63,7 +63,11 @@ class Twistd:
         while time.monotonic() < deadline:
             text = log.read_text() if log.exists() else ""
             match = re.search(r"NeurotraleSite starting on (\d+)", text)
-            if match and len(re.findall(r"worker \d+ serving on", text)) >= workers - 1:
+            if (
+                match
+                and len(re.findall(r"worker \d+ serving on", text)) >= workers - 1
+                and self._answers(f"http://127.0.0.1:{match.group(1)}")
+            ):
                 self.url = f"http://127.0.0.1:{match.group(1)}"
                 return
             if self.process.poll() is not None:
@@ -72,6 +76,15 @@ class Twistd:
         self.stop()
         out = self.process.stdout.read().decode() if self.process.stdout else ""
         raise RuntimeError(f"twistd did not start:\n{out}")
+
+    @staticmethod
+    def _answers(url: str) -> bool:
+        """Whether the server answers: its reactor runs (and has its signal handlers)."""
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def stop(self) -> int:
         if self.process.poll() is None:
