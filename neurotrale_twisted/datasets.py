@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .paths import DataRoot, is_within
+from .paths import DataRoot
 
 #: How deep below the root the index looks for datasets (``lab/2024/brain1`` is depth 3).
 MAX_DEPTH = 6
@@ -31,11 +31,7 @@ def find_datasets(root: DataRoot, max_depth: int = MAX_DEPTH) -> list[str]:
         for entry in entries:
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            if (
-                entry.is_symlink()
-                and not root.follow_symlinks
-                and not is_within(os.path.realpath(entry.path), root.root)
-            ):
+            if entry.is_symlink() and not root.may_read(entry.path):
                 continue
             walk(entry.path, f"{relative}/{entry.name}" if relative else entry.name, depth + 1)
 

@@ -85,7 +85,11 @@ class DataRoot:
         if not is_within(os.path.realpath(path), self.root):
             raise Forbidden("writes may not leave the data root")
 
+    def may_read(self, path: str | os.PathLike[str]) -> bool:
+        """Whether reads may reach ``path``: inside the root, or links may be followed."""
+        return self.follow_symlinks or is_within(os.path.realpath(path), self.root)
+
     def check_readable(self, path: Path) -> None:
         """Raise :class:`NotFound` if ``path`` resolves out of the root and that is not allowed."""
-        if not self.follow_symlinks and not is_within(os.path.realpath(path), self.root):
+        if not self.may_read(path):
             raise NotFound("not found")

@@ -48,7 +48,7 @@ from .http import (
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
-from .paths import DataRoot, clean_segments, is_within
+from .paths import DataRoot, clean_segments
 
 log = Logger()
 P = ParamSpec("P")
@@ -100,11 +100,9 @@ class DataFile(File):
         """The names a directory listing shows: no dot-names, no links out of the root."""
         names = [n for n in super().listNames() if not n.startswith(".")]
         root = self.data_root
-        if root is None or root.follow_symlinks:
+        if root is None:
             return names
-        return [
-            n for n in names if is_within(os.path.realpath(os.path.join(self.path, n)), root.root)
-        ]
+        return [n for n in names if root.may_read(os.path.join(self.path, n))]
 
     def render_GET(self, request: IRequest) -> Any:
         """Serve the file, or list the directory (redirecting to the URL with a ``/``)."""
@@ -251,7 +249,7 @@ class Neurotrale:
         name = ChunkName.parse(chunk)
         if name is None:
             raise NotFound(f"{chunk!r} is not a chunk name")
-        segments = clean_segments(dataset.split("/"))
+        segments = dataset.split("/")  # checked by DataRoot.for_reading on the thread
         clean_segments([key])
         range_header = request.getHeader(b"range")
         # A range answer is never compressed: its offsets are offsets of the raw bytes.
