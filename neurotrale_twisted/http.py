@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.static import NoRangeStaticProducer
+
+from .connections import LogThrottle
 
 log = Logger()
 
@@ -231,8 +233,13 @@ class HttpSettings:
     max_header_bytes: int = 16 * 1024
     #: Seconds a client has to send a whole request (line, headers and body) once it begins.
     request_timeout: float = 60.0
-    #: Seconds an idle connection (keep-alive, or silent after connecting) is kept open.
+    #: Seconds a client has to send a request's line and headers, from the moment its
+    #: connection opens (the first request) or from its first byte (a later one).
+    header_timeout: float = 10.0
+    #: Seconds an idle keep-alive connection is kept open between requests.
     idle_timeout: float = 60.0
+    #: The most connections open at once (None: no cap); see ``connections.py``.
+    max_connections: int | None = None
 
 
 def send_raw_error(
@@ -309,28 +316,40 @@ class LimitedRequest(server.Request):
 
 
 class LimitedChannel(http.HTTPChannel):
-    """An HTTP connection with the site's header-size limit and a deadline per request.
+    """An HTTP connection with the site's header-size limit and deadlines per request.
 
     Twisted's idle timeout restarts with every byte, so a client sending one byte a second
-    would hold a connection forever; the deadline starts with a request's first byte and
-    answers 408 and closes the connection if the whole request has not arrived in time.
+    would hold a connection forever. A request's deadlines start when its connection opens
+    (the first request) or with its first byte (a later one on a keep-alive connection): its
+    line and headers must arrive within ``header_timeout`` seconds and the whole request
+    within ``request_timeout``. A connection that sent nothing by then is closed without an
+    answer, one that sent part of a request gets 408. Between requests only the idle timeout
+    counts. The site counts the connection while it is open (``--max-connections``).
     """
 
     _deadline: Any = None
+    #: Whether the request the deadline is for has sent a byte.
+    _begun = False
+    #: Whether the deadline is the headers' (else the whole request's).
+    _awaiting_headers = True
 
     def connectionMade(self) -> None:
-        """Apply the header limits of the site."""
+        """Apply the header limits of the site, count the connection, start the deadline."""
         settings = _settings_of(self)
         self.totalHeadersSize = settings.max_header_bytes
         self.MAX_LENGTH = settings.max_header_bytes
+        _site_of(self).connection_opened()
         super().connectionMade()
+        self._start_deadline()
 
     def dataReceived(self, data: bytes) -> None:
-        """Start the request's deadline with its first byte."""
-        if self._deadline is None and data:
-            self._deadline = self.callLater(
-                _settings_of(self).request_timeout, self._request_too_slow
-            )
+        """Start the deadline of a later request with its first byte."""
+        # While a request is answered Twisted only buffers what follows; its deadline
+        # starts once it is read.
+        if data and not self._handlingRequest:
+            if self._deadline is None:
+                self._start_deadline()
+            self._begun = True
         super().dataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -343,15 +362,38 @@ class LimitedChannel(http.HTTPChannel):
             f"a request or header line is longer than {self.MAX_LENGTH} bytes",
         )
 
+    def allHeadersReceived(self) -> None:
+        """The headers are in: the rest of the request has until the request's deadline."""
+        settings = _settings_of(self)
+        if self._deadline is not None and self._awaiting_headers:
+            self._awaiting_headers = False
+            more = settings.request_timeout - _header_window(settings)
+            if more > 0 and self._deadline.active():
+                self._deadline.delay(more)
+        super().allHeadersReceived()
+
     def allContentReceived(self) -> None:
         """The request has arrived whole: its deadline is met."""
         self._cancel_deadline()
         super().allContentReceived()
 
+    def timeoutConnection(self) -> None:
+        """Close an idle connection, as Twisted does, counting it instead of logging each."""
+        _site_of(self).closed_idle.note()
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Forget the deadline of a request that will never arrive."""
+        """Forget the deadline of a request that will never arrive; uncount the connection."""
         self._cancel_deadline()
+        _site_of(self).connection_closed()
         super().connectionLost(reason)
+
+    def _start_deadline(self) -> None:
+        self._awaiting_headers = True
+        self._begun = False
+        self._deadline = self.callLater(_header_window(_settings_of(self)), self._request_too_slow)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -362,23 +404,45 @@ class LimitedChannel(http.HTTPChannel):
     def _request_too_slow(self) -> None:
         self._deadline = None
         settings = _settings_of(self)
-        log.info(
-            "closed a connection that took over {t} s to send a request", t=settings.request_timeout
-        )
+        if self._awaiting_headers:
+            limit, what = _header_window(settings), "request line and headers"
+        else:
+            limit, what = settings.request_timeout, "request"
+        _site_of(self).closed_slow.note()
+        if not self._begun:
+            # Nothing to answer: a connection opened and left silent.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         send_raw_error(
             self.transport,
             settings,
             None,
             408,
-            f"the request did not arrive within {settings.request_timeout:g} seconds",
+            f"the {what} did not arrive within {limit:g} seconds",
         )
 
 
+def _header_window(settings: HttpSettings) -> float:
+    """Seconds a request has for its line and headers (never more than for all of it)."""
+    return min(settings.header_timeout, settings.request_timeout)
+
+
+def _site_of(channel: Any) -> NeurotraleSite:
+    """The site that built ``channel`` (``Site.buildProtocol`` sets it before it connects)."""
+    site: NeurotraleSite = channel.site
+    return site
+
+
 class NeurotraleSite(server.Site):
-    """The site: our request and channel classes, and the HTTP settings they read.
+    """The site: our request and channel classes, the HTTP settings they read, and the cap
+    on open connections.
 
     Connections speak HTTP/1.1 through :class:`LimitedChannel` (Twisted's HTTP/2 switch
-    needs the optional h2 package and TLS, and would bypass the limits).
+    needs the optional h2 package and TLS, and would bypass the limits). With
+    ``settings.max_connections`` connections open, :meth:`admit` refuses a new one (the
+    listening ports close it at once, see ``connections.guard_port``; the open ones are
+    served as before), and the log says how many were refused once per
+    :data:`~neurotrale_twisted.connections.LOG_INTERVAL`, never once per refusal.
     """
 
     protocol = LimitedChannel  # type: ignore[assignment]
@@ -388,6 +452,51 @@ class NeurotraleSite(server.Site):
             resource, requestFactory=LimitedRequest, timeout=settings.idle_timeout, **kwargs
         )
         self.settings = settings
+        #: Connections open now (refused ones are never counted).
+        self.open_connections = 0
+        self.refused = LogThrottle(
+            self.reactor,
+            "refused {n} new connection(s): {open} were open, the limit (--max-connections "
+            "{limit}); the open ones are still served (at most one such line per {interval:g} s)",
+            open=0,
+            limit=settings.max_connections,
+        )
+        self.closed_slow = LogThrottle(
+            self.reactor,
+            "closed {n} connection(s) that sent no complete request line and headers within "
+            "{headers:g} s or request within {request:g} s",
+            level=LogLevel.info,
+            headers=_header_window(settings),
+            request=settings.request_timeout,
+        )
+        self.closed_idle = LogThrottle(
+            self.reactor,
+            "closed {n} keep-alive connection(s) idle for {idle:g} s",
+            level=LogLevel.info,
+            idle=settings.idle_timeout,
+        )
+
+    def admit(self) -> bool:
+        """Whether a new connection may open now; a refusal is counted for the log."""
+        limit = self.settings.max_connections
+        if limit is None or self.open_connections < limit:
+            return True
+        self.refused.note(open=self.open_connections)
+        return False
+
+    def connection_opened(self) -> None:
+        """Count a connection a channel now serves."""
+        self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        """Uncount a connection that closed."""
+        self.open_connections -= 1
+
+    def stopFactory(self) -> None:
+        """Log the refusals and closings not logged yet."""
+        for throttle in (self.refused, self.closed_slow, self.closed_idle):
+            throttle.stop()
+        super().stopFactory()
 
 
 def fold_slashes(postpath: list[bytes]) -> list[bytes]:

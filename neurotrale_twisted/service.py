@@ -15,11 +15,24 @@ from typing import Any, cast
 from twisted.application import service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from .annotations import remove_stale_temporaries
+from .connections import (
+    FD_SETSIZE,
+    default_max_connections,
+    raise_open_file_limit,
+    reserved_descriptors,
+)
 from .datasets import find_datasets
 from .http import CorsPolicy, HttpSettings
 from .metrics import ServerMetrics
@@ -63,6 +76,21 @@ class Options(usage.Options):
         ["max-header-kb", None, 16, "Largest request line plus headers, in KiB.", _positive],
         ["request-timeout", None, 60, "Seconds a client has to send a whole request.", _positive],
         ["idle-timeout", None, 60, "Seconds an idle keep-alive connection stays open.", _positive],
+        [
+            "header-timeout",
+            None,
+            10,
+            "Seconds a connection has to send a request's line and headers.",
+            _positive,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Connections open at once per process; more are closed at once "
+            "(default: the open-file limit less a reserve for files, at most 16384).",
+            _positive,
+        ],
         ["htpasswd", None, None, "Apache htpasswd file (bcrypt): writes need its credentials."],
     ]
     optFlags = [
@@ -156,11 +184,69 @@ class ThreadPoolService(service.Service):
 
 
 def log_to_file_from_environment() -> None:
-    """Send the log to ``$PRECOMPUTED_LOGGING`` when it names a file."""
+    """Send the log to ``$PRECOMPUTED_LOGGING`` when it names a file.
+
+    twistd begins logging after ``makeService`` and then replays what was logged before to
+    every observer, this one too: each event is written once.
+    """
+    from twisted.internet import reactor
+
     target = os.environ.get("PRECOMPUTED_LOGGING")
-    if target:
-        stream = open(target, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
-        globalLogPublisher.addObserver(textFileLogObserver(stream))
+    if not target:
+        return
+    stream = open(target, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    write = textFileLogObserver(stream)
+    # The events written before the reactor runs, by id (the replayed ones are the same
+    # objects; holding them keeps their ids from being reused meanwhile).
+    early: dict[int, LogEvent] | None = {}
+
+    @implementer(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        if early is not None:
+            if id(event) in early:
+                return
+            early[id(event)] = event
+        write(event)
+
+    def running() -> None:
+        nonlocal early
+        early = None
+
+    globalLogPublisher.addObserver(observe)
+    reactor.callWhenRunning(running)  # type: ignore[attr-defined]
+
+
+def connection_limit(options: Options, reactor: object, worker: int) -> int:
+    """Raise the open-file limit of this process and choose its ``--max-connections``.
+
+    The parent says what it chose; a worker inherits the parent's raised limit and says
+    nothing unless it had to raise it again.
+    """
+    # select() watches descriptors below FD_SETSIZE only.
+    select_based = type(reactor).__module__ == "twisted.internet.selectreactor"
+    files = raise_open_file_limit(FD_SETSIZE if select_based else None)
+    threads, workers = options["threads"], options["workers"]
+    chosen = options["max-connections"]
+    limit = chosen or default_max_connections(files.soft, threads, workers)
+    if worker == 0 or files.soft != files.before:
+        log.info(
+            "open files: at most {soft} per process (soft limit {before}, hard limit {hard}); "
+            "at most {limit} connections per process",
+            soft=files.soft,
+            before=files.before,
+            hard=files.hard,
+            limit=limit,
+        )
+    reserve = reserved_descriptors(threads, workers)
+    if chosen is not None and chosen > files.soft - reserve and worker == 0:
+        log.warn(
+            "--max-connections {limit} leaves fewer than {reserve} of the {soft} descriptors a "
+            "process may open for files: a flood of connections can make reads and writes fail",
+            limit=chosen,
+            reserve=reserve,
+            soft=files.soft,
+        )
+    return int(limit)
 
 
 def makeService(options: Options) -> service.MultiService:
@@ -179,6 +265,7 @@ def makeService(options: Options) -> service.MultiService:
     # The parent cleans up after interrupted writes; its workers need not do it again.
     threads = ThreadPoolService(pool, None if worker else root)
     threads.setServiceParent(top)
+    max_connections = connection_limit(options, reactor, worker)
     metrics = ServerMetrics()
     app = Neurotrale(
         root,
@@ -198,6 +285,8 @@ def makeService(options: Options) -> service.MultiService:
         max_header_bytes=options["max-header-kb"] * 1024,
         request_timeout=options["request-timeout"],
         idle_timeout=options["idle-timeout"],
+        header_timeout=options["header-timeout"],
+        max_connections=max_connections,
     )
     site = ServingSite(
         app.resource(),

@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
+from .connections import guard_port
 from .metrics import MULTIPROCESS_ENV, ServerMetrics
 
 if TYPE_CHECKING:
@@ -91,10 +92,14 @@ class _RecordingEndpoint:
         self.port: IListeningPort | None = None
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        """Listen, and keep the port."""
+        """Listen, keep the port, and let it admit only what the site admits."""
+        from twisted.internet import reactor
 
         def keep(port: IListeningPort) -> IListeningPort:
             self.port = port
+            admit = getattr(factory, "admit", None)
+            if admit is not None:
+                guard_port(port, admit, reactor)  # type: ignore[arg-type]
             return port
 
         return self.endpoint.listen(factory).addCallback(keep)
@@ -380,6 +385,7 @@ class AdoptedSocketService(service.Service):
             self.port = reactor.adoptStreamPort(  # type: ignore[attr-defined]
                 fd, _FAMILIES[self.shared.family], factory
             )
+        guard_port(self.port, self.site.admit, reactor)  # type: ignore[arg-type]
         os.close(fd)  # the port holds its own duplicate
 
     def startService(self) -> None:
