@@ -189,11 +189,18 @@ class _AcceptErrorObserver:
 @implementer(IProtocolFactory)
 class _Admission:
     """A listening port's factory behind a gate: no protocol (the port closes the new
-    connection at once, before TLS or HTTP see it) while ``admit`` says no."""
+    connection at once, before TLS or HTTP see it) while ``admit`` says no. Once the port
+    stops, the accept failures not logged yet are."""
 
-    def __init__(self, factory: IProtocolFactory, admit: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        factory: IProtocolFactory,
+        admit: Callable[[], bool],
+        accept_errors: LogThrottle | None,
+    ) -> None:
         self.factory = factory
         self.admit = admit
+        self.accept_errors = accept_errors
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         """The port's own protocol for the connection, or None to close it."""
@@ -204,7 +211,9 @@ class _Admission:
         self.factory.doStart()
 
     def doStop(self) -> None:
-        """Stop the port's own factory."""
+        """Stop the port's own factory, and log the accept failures still counted."""
+        if self.accept_errors is not None:
+            self.accept_errors.stop()
         self.factory.doStop()
 
     def __getattr__(self, name: str) -> Any:
@@ -220,9 +229,10 @@ def guard_port(port: object, admit: Callable[[], bool], clock: IReactorTime) -> 
     descriptor even for a moment. See :func:`quiet_accept_errors` for the log.
     """
     factory = getattr(port, "factory", None)
-    if factory is not None and not isinstance(factory, _Admission):
-        port.factory = _Admission(factory, admit)  # type: ignore[attr-defined]
-    quiet_accept_errors(port, clock)
+    if factory is None or isinstance(factory, _Admission):
+        return
+    accept_errors = quiet_accept_errors(port, clock)
+    port.factory = _Admission(factory, admit, accept_errors)  # type: ignore[attr-defined]
 
 
 def quiet_accept_errors(port: object, clock: IReactorTime) -> LogThrottle | None:

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,14 @@ class Twistd:
     Ready once the parent listens and every worker process said it serves.
     """
 
-    def __init__(self, root: Path, log: Path, *args: str, workers: int = 1) -> None:
+    def __init__(
+        self,
+        root: Path,
+        log: Path,
+        *args: str,
+        workers: int = 1,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         env = {**os.environ, "PRECOMPUTED_LOGGING": str(log)}
         self.log = log
         self.process = subprocess.Popen(
@@ -58,6 +65,7 @@ class Twistd:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -1,0 +1,236 @@
+"""Connection floods against real ``twistd neurotrale`` processes on loopback.
+
+Each server starts with a low open-file limit (soft 128, hard 256, set before it execs), so
+that a few hundred idle connections are a flood. What a user must see: the soft limit raised
+to the hard one; at ``--max-connections`` a new connection closed at once while the open ones
+are served; the flood's silent connections closed at ``--header-timeout`` (not at the
+keep-alive ``--idle-timeout``), after which new clients get in; and a log that says so a
+bounded number of times, never once per refusal.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import resource
+import selectors
+import socket
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from .test_e2e import Twistd
+from .test_workers import children_of, wait_for
+
+SOFT, HARD = 128, 256
+CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
+CHUNK_BYTES = 64 * 64 * 32 * 2
+CAP = 40
+FLOOD = 100
+HEADER_TIMEOUT = 3
+
+
+def low_fd_limit() -> None:
+    """Run in the server's process before it execs: a low open-file limit to start with."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, HARD))
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    """The soft and hard "Max open files" of process ``pid``, from /proc/PID/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-file limit for {pid}")
+
+
+def connect_many(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to the server that send nothing."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+
+
+def closed_by_server(socks: Iterable[socket.socket], within: float) -> set[socket.socket]:
+    """The sockets the server closed within ``within`` seconds, having sent nothing on them."""
+    pending = set(socks)
+    closed: set[socket.socket] = set()
+    deadline = time.monotonic() + within
+    with selectors.DefaultSelector() as selector:
+        for sock in pending:
+            selector.register(sock, selectors.EVENT_READ)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                sock = cast(socket.socket, key.fileobj)
+                try:
+                    data = sock.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                assert data == b"", f"the server answered a silent connection: {data!r}"
+                selector.unregister(sock)
+                pending.discard(sock)
+                closed.add(sock)
+    return closed
+
+
+def get(connection: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
+    """A GET on an open keep-alive connection."""
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def counts(pattern: str, text: str) -> list[int]:
+    """The number each log line matching ``pattern`` (one group) reports."""
+    return [int(n) for n in re.findall(pattern, text)]
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Client sockets the test opened, all closed at its end."""
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
+def test_an_idle_flood_past_the_cap_locks_no_client_out(
+    demo_root: Path, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    log = tmp_path / "server.log"
+    server = Twistd(
+        demo_root,
+        log,
+        "--max-connections",
+        str(CAP),
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--threads",
+        "2",
+        preexec_fn=low_fd_limit,
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        # A client already connected, between two requests on its keep-alive connection.
+        busy = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        assert get(busy, "/healthz")[0] == 200
+        flooded = time.monotonic()
+        sockets.extend(connect_many(port, FLOOD))
+        assert time.monotonic() - flooded < 1.5, "too slow to connect the flood for this test"
+        refused = closed_by_server(sockets, 1)
+        held = [s for s in sockets if s not in refused]
+        # The cap counts the busy client (and, for a moment, the start-up probe's connection).
+        assert CAP - 2 <= len(held) <= CAP - 1, len(held)
+        # At the cap the open client is served, from a file the decoder opens...
+        status, body = get(busy, CHUNK)
+        assert (status, len(body)) == (200, CHUNK_BYTES)
+        # ...and a new one is closed at once.
+        probe = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sockets.append(probe)
+        assert closed_by_server([probe], 2) == {probe}
+        # The flood sent no request: it is closed at the header timeout, not the idle one (60 s).
+        assert closed_by_server(held, HEADER_TIMEOUT + 6) == set(held)
+        took = time.monotonic() - flooded
+        assert HEADER_TIMEOUT - 0.5 < took < HEADER_TIMEOUT + 6, took
+        with urllib.request.urlopen(server.url + CHUNK, timeout=10) as answer:
+            assert (answer.status, len(answer.read())) == (200, CHUNK_BYTES)
+        # The client between requests was idle all along, and is still served.
+        assert get(busy, "/healthz")[0] == 200
+        busy.close()
+    finally:
+        server.stop()
+    text = log.read_text()
+    refusals = counts(r"refused (\d+) new connection\(s\)", text)
+    # At most one line per 10 s (the first at once, the rest when the server stopped),
+    # together counting every refusal.
+    assert 1 <= len(refusals) <= 2, refusals
+    assert sum(refusals) == len(refused) + 1
+    slow = counts(r"closed (\d+) connection\(s\) that sent no complete", text)
+    assert 1 <= len(slow) <= 2 and sum(slow) == len(held), slow
+    assert "EMFILE" not in text and "Could not accept" not in text
+    assert "Timing out client" not in text
+
+
+def test_the_soft_limit_is_raised_and_silent_connections_close_at_the_header_timeout(
+    demo_root: Path, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    log = tmp_path / "server.log"
+    server = Twistd(
+        demo_root,
+        log,
+        "--header-timeout",
+        "2",
+        "--idle-timeout",
+        "60",
+        workers=2,
+        preexec_fn=low_fd_limit,
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        workers = wait_for(lambda: children_of(server.process.pid), 10, "the worker")
+        for pid in {server.process.pid, *workers}:
+            assert open_files_limit(pid) == (HARD, HARD), pid
+        keep_alive = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        assert get(keep_alive, "/healthz")[0] == 200
+        started = time.monotonic()
+        # Spread over both processes by the kernel: the workers got the option too.
+        sockets.extend(connect_many(port, 8))
+        partial = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sockets.append(partial)
+        partial.sendall(b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\n")
+        assert closed_by_server(sockets[:-1], 10) == set(sockets[:-1])
+        took = time.monotonic() - started
+        assert 1.5 < took < 6, took
+        answer = b""
+        while data := partial.recv(65536):
+            answer += data
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"request line and headers did not arrive within 2 seconds" in answer
+        # A keep-alive connection between requests waits for the idle timeout, not this one.
+        time.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
+        status, body = get(keep_alive, CHUNK)
+        assert (status, len(body)) == (200, CHUNK_BYTES)
+        keep_alive.close()
+    finally:
+        server.stop()
+    text = log.read_text()
+    # The limit is logged once (a worker inherits it raised and says nothing).
+    assert len(re.findall(r"open files: at most 256 per process \(soft limit 128", text)) == 1
+    assert "Timing out client" not in text
+
+
+def test_out_of_descriptors_the_refusals_are_logged_once_per_interval(
+    demo_root: Path, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    log = tmp_path / "server.log"
+    # A cap over what the limit allows: the process runs out of descriptors first.
+    server = Twistd(
+        demo_root,
+        log,
+        "--max-connections",
+        "1000",
+        "--header-timeout",
+        "8",
+        preexec_fn=low_fd_limit,
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        flooded = time.monotonic()
+        sockets.extend(connect_many(port, HARD + 60))
+        assert time.monotonic() - flooded < 6, "too slow to connect the flood for this test"
+        refused = closed_by_server(sockets, 1)
+        assert refused, "the process had descriptors for every connection"
+        held = [s for s in sockets if s not in refused]
+        assert closed_by_server(held, 12) == set(held)
+        with urllib.request.urlopen(server.url + CHUNK, timeout=10) as answer:
+            assert (answer.status, len(answer.read())) == (200, CHUNK_BYTES)
+    finally:
+        server.stop()
+    text = log.read_text()
+    assert len(re.findall(r"--max-connections 1000 leaves fewer than", text)) == 1
+    failures = counts(r"could not accept (\d+) new connection\(s\) \(EMFILE", text)
+    assert 1 <= len(failures) <= 2 and sum(failures) == len(refused), failures
+    # Twisted's own lines, two or three per refused connection, are not in the log.
+    assert "EMFILE recovery" not in text and "EMFILE encountered" not in text
