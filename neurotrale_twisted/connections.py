@@ -45,8 +45,9 @@ PER_THREAD = 8
 #: Descriptors kept per worker process, for the parent's pipes to it (three) and a spare.
 PER_WORKER = 4
 #: The most connections a process holds by default, however high the limit: an idle
-#: connection costs about 10 KiB of Python objects, so this bounds the memory a flood of
-#: idle connections can take to about 160 MiB per process.
+#: connection costs about 2 KiB of Python objects, one kept alive after a request about
+#: 17 KiB (measured with 5,000), so this bounds what a flood can take to about 300 MiB per
+#: process.
 DEFAULT_CEILING = 16384
 
 

@@ -67,6 +67,7 @@ def test_units_verify(tmp_path: Path) -> None:
     assert hardening["ProtectSystem"] == "strict"
     assert hardening["NoNewPrivileges"] == "yes"
     assert hardening["ReadWritePaths"] == "/data"
+    assert int(hardening["LimitNOFILE"]) >= 65536
 
 
 @pytest.mark.parametrize("workers", [1, 2])
