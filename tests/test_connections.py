@@ -15,6 +15,7 @@ import re
 import resource
 import selectors
 import socket
+import ssl
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,7 @@ from typing import cast
 import pytest
 
 from .test_e2e import Twistd
-from .test_workers import children_of, wait_for
+from .test_workers import children_of, self_signed, wait_for, worker_pid
 
 SOFT, HARD = 128, 256
 CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
@@ -153,6 +154,26 @@ def test_an_idle_flood_past_the_cap_locks_no_client_out(
     assert "Timing out client" not in text
 
 
+def keep_alive_to_every_process(
+    port: int, pids: set[int], tries: int = 200
+) -> dict[int, http.client.HTTPConnection]:
+    """A keep-alive connection served by each process of ``pids`` (each answer names its pid)."""
+    found: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(tries):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        response.read()
+        pid = worker_pid(response.headers)
+        if pid in found:
+            connection.close()
+        else:
+            found[pid] = connection
+        if set(found) == pids:
+            break
+    return found
+
+
 def test_the_soft_limit_is_raised_and_silent_connections_close_at_the_header_timeout(
     demo_root: Path, tmp_path: Path, sockets: list[socket.socket]
 ) -> None:
@@ -169,30 +190,34 @@ def test_the_soft_limit_is_raised_and_silent_connections_close_at_the_header_tim
     )
     port = int(server.url.rsplit(":", 1)[1])
     try:
-        workers = wait_for(lambda: children_of(server.process.pid), 10, "the worker")
-        for pid in {server.process.pid, *workers}:
+        pids = {server.process.pid, *wait_for(lambda: children_of(server.process.pid), 10, "")}
+        assert len(pids) == 2
+        for pid in pids:
             assert open_files_limit(pid) == (HARD, HARD), pid
-        keep_alive = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        assert get(keep_alive, "/healthz")[0] == 200
+        # One keep-alive connection to each process, between two requests.
+        keep_alive = keep_alive_to_every_process(port, pids)
+        assert set(keep_alive) == pids
         started = time.monotonic()
-        # Spread over both processes by the kernel: the workers got the option too.
         sockets.extend(connect_many(port, 8))
-        partial = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sockets.append(partial)
-        partial.sendall(b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\n")
-        assert closed_by_server(sockets[:-1], 10) == set(sockets[:-1])
+        assert closed_by_server(sockets, 10) == set(sockets)
         took = time.monotonic() - started
         assert 1.5 < took < 6, took
-        answer = b""
-        while data := partial.recv(65536):
-            answer += data
-        assert answer.startswith(b"HTTP/1.1 408")
-        assert b"request line and headers did not arrive within 2 seconds" in answer
-        # A keep-alive connection between requests waits for the idle timeout, not this one.
-        time.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
-        status, body = get(keep_alive, CHUNK)
-        assert (status, len(body)) == (200, CHUNK_BYTES)
-        keep_alive.close()
+        # A keep-alive connection between requests waits for the idle timeout, not this one;
+        # a request begun on it has the header timeout, in the worker process too.
+        for pid, connection in keep_alive.items():
+            status, body = get(connection, CHUNK)
+            assert (status, len(body)) == (200, CHUNK_BYTES)
+            sock = connection.sock
+            assert sock is not None
+            begun = time.monotonic()
+            sock.sendall(b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\n")
+            answer = b""
+            while data := sock.recv(65536):
+                answer += data
+            assert 1.5 < time.monotonic() - begun < 6, pid
+            assert answer.startswith(b"HTTP/1.1 408"), pid
+            assert b"request line and headers did not arrive within 2 seconds" in answer
+            connection.close()
     finally:
         server.stop()
     text = log.read_text()
@@ -234,3 +259,48 @@ def test_out_of_descriptors_the_refusals_are_logged_once_per_interval(
     assert 1 <= len(failures) <= 2 and sum(failures) == len(refused), failures
     # Twisted's own lines, two or three per refused connection, are not in the log.
     assert "EMFILE recovery" not in text and "EMFILE encountered" not in text
+
+
+def test_the_cap_closes_connections_before_tls_and_the_tls_clients_are_served(
+    demo_root: Path, tmp_path: Path, sockets: list[socket.socket]
+) -> None:
+    key, certificate = self_signed(tmp_path)
+    log = tmp_path / "server.log"
+    server = Twistd(
+        demo_root,
+        log,
+        "--listen",
+        f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}",
+        "--max-connections",
+        "4",
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+    )
+    match = re.search(r"NeurotraleSite \(TLS\) starting on (\d+)", log.read_text())
+    assert match
+    port = int(match.group(1))
+    context = ssl.create_default_context(cafile=str(certificate))
+    context.check_hostname = False  # the certificate names 127.0.0.1 as its CN only
+    try:
+        busy = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        assert get(busy, "/healthz")[0] == 200
+        flooded = time.monotonic()
+        # Plain TCP connections that never begin the TLS handshake.
+        sockets.extend(connect_many(port, 10))
+        refused = closed_by_server(sockets, 1)
+        assert time.monotonic() - flooded < HEADER_TIMEOUT - 1
+        assert 2 <= len(sockets) - len(refused) <= 3
+        status, body = get(busy, CHUNK)
+        assert (status, len(body)) == (200, CHUNK_BYTES)
+        held = [s for s in sockets if s not in refused]
+        assert closed_by_server(held, HEADER_TIMEOUT + 6) == set(held)
+        fresh = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        assert get(fresh, "/healthz")[0] == 200
+        fresh.close()
+        busy.close()
+    finally:
+        server.stop()
+    text = log.read_text()
+    refusals = counts(r"refused (\d+) new connection\(s\)", text)
+    assert 1 <= len(refusals) <= 2 and sum(refusals) == len(refused), refusals
+    assert "Traceback" not in text
