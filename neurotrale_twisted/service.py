@@ -230,8 +230,8 @@ def connection_limit(options: Options, reactor: object, worker: int) -> int:
     limit = chosen or default_max_connections(files.soft, threads, workers)
     if worker == 0 or files.soft != files.before:
         log.info(
-            "open files: at most {soft} per process (soft limit {before}, hard limit {hard}); "
-            "at most {limit} connections per process",
+            "open files: {soft} per process (the soft limit was {before}, the hard limit is "
+            "{hard}); at most {limit} connections per process",
             soft=files.soft,
             before=files.before,
             hard=files.hard,

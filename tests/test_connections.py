@@ -24,6 +24,8 @@ from typing import cast
 
 import pytest
 
+from neurotrale_twisted.connections import default_max_connections
+
 from .test_e2e import Twistd
 from .test_workers import children_of, self_signed, wait_for, worker_pid
 
@@ -222,7 +224,7 @@ def test_the_soft_limit_is_raised_and_silent_connections_close_at_the_header_tim
         server.stop()
     text = log.read_text()
     # The limit is logged once (a worker inherits it raised and says nothing).
-    assert len(re.findall(r"open files: at most 256 per process \(soft limit 128", text)) == 1
+    assert len(re.findall(r"open files: 256 per process \(the soft limit was 128", text)) == 1
     assert "Timing out client" not in text
 
 
@@ -304,3 +306,12 @@ def test_the_cap_closes_connections_before_tls_and_the_tls_clients_are_served(
     refusals = counts(r"refused (\d+) new connection\(s\)", text)
     assert 1 <= len(refusals) <= 2 and sum(refusals) == len(refused), refusals
     assert "Traceback" not in text
+
+
+def test_the_default_cap_keeps_a_reserve_of_descriptors_for_files() -> None:
+    # 64, and 8 per thread, 4 per worker process.
+    assert default_max_connections(1024, threads=6, workers=10) == 1024 - (64 + 48 + 40)
+    # A high limit: at most 16384, the memory a flood of idle connections may take.
+    assert default_max_connections(524288, threads=32, workers=10) == 16384
+    # A limit too low for the reserve: half of it.
+    assert default_max_connections(100, threads=6, workers=1) == 50
