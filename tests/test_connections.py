@@ -34,7 +34,7 @@ CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
 CHUNK_BYTES = 64 * 64 * 32 * 2
 CAP = 40
 FLOOD = 100
-HEADER_TIMEOUT = 3
+HEADER_TIMEOUT = 5
 
 
 def low_fd_limit() -> None:
@@ -53,7 +53,7 @@ def open_files_limit(pid: int) -> tuple[int, int]:
 
 def connect_many(port: int, count: int) -> list[socket.socket]:
     """``count`` connections to the server that send nothing."""
-    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+    return [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(count)]
 
 
 def closed_by_server(socks: Iterable[socket.socket], within: float) -> set[socket.socket]:
@@ -121,7 +121,7 @@ def test_an_idle_flood_past_the_cap_locks_no_client_out(
         assert get(busy, "/healthz")[0] == 200
         flooded = time.monotonic()
         sockets.extend(connect_many(port, FLOOD))
-        assert time.monotonic() - flooded < 1.5, "too slow to connect the flood for this test"
+        assert time.monotonic() - flooded < HEADER_TIMEOUT - 2, "too slow a flood for this test"
         refused = closed_by_server(sockets, 1)
         held = [s for s in sockets if s not in refused]
         # The cap counts the busy client (and, for a moment, the start-up probe's connection).
@@ -232,25 +232,25 @@ def test_out_of_descriptors_the_refusals_are_logged_once_per_interval(
     demo_root: Path, tmp_path: Path, sockets: list[socket.socket]
 ) -> None:
     log = tmp_path / "server.log"
-    # A cap over what the limit allows: the process runs out of descriptors first.
+    # A cap over what the limit allows: the process runs out of descriptors first. (The
+    # header timeout is long: only the accept failures close connections here.)
     server = Twistd(
         demo_root,
         log,
         "--max-connections",
         "1000",
         "--header-timeout",
-        "8",
+        "60",
         preexec_fn=low_fd_limit,
     )
-    port = int(server.url.rsplit(":", 1)[1])
     try:
-        flooded = time.monotonic()
+        port = int(server.url.rsplit(":", 1)[1])
         sockets.extend(connect_many(port, HARD + 60))
-        assert time.monotonic() - flooded < 6, "too slow to connect the flood for this test"
         refused = closed_by_server(sockets, 1)
         assert refused, "the process had descriptors for every connection"
-        held = [s for s in sockets if s not in refused]
-        assert closed_by_server(held, 12) == set(held)
+        for sock in sockets:
+            sock.close()
+        # Once the flood is gone, clients get in.
         with urllib.request.urlopen(server.url + CHUNK, timeout=10) as answer:
             assert (answer.status, len(answer.read())) == (200, CHUNK_BYTES)
     finally:
@@ -289,8 +289,8 @@ def test_the_cap_closes_connections_before_tls_and_the_tls_clients_are_served(
         flooded = time.monotonic()
         # Plain TCP connections that never begin the TLS handshake.
         sockets.extend(connect_many(port, 10))
+        assert time.monotonic() - flooded < HEADER_TIMEOUT - 2, "too slow a flood for this test"
         refused = closed_by_server(sockets, 1)
-        assert time.monotonic() - flooded < HEADER_TIMEOUT - 1
         assert 2 <= len(sockets) - len(refused) <= 3
         status, body = get(busy, CHUNK)
         assert (status, len(body)) == (200, CHUNK_BYTES)
