@@ -1,0 +1,391 @@
+"""The only code that touches the data root's filesystem.
+
+Everything under the data root is reached from a directory handle of the root, one
+component at a time, with ``O_NOFOLLOW | O_DIRECTORY`` and ``dir_fd=`` (nginx's
+``disable_symlinks`` does the same), and every later operation (open, create, link, rename,
+remove, list) is made relative to the directory handle that was walked. So the directory that
+was checked is the directory that is used: someone with write access to the data root who
+swaps a directory for a symbolic link while a request runs makes the request fail, never
+reach outside the root.
+
+- Reads may follow links only where the operator allowed it (``--follow-symlinks``), and then
+  only through :meth:`RootFS.open_dir` / :meth:`Directory.open_file` with ``follow=True``.
+  Writes, locks, temporaries and versions never follow a link.
+- Only regular files are opened for reading: a FIFO, socket or device is :class:`NotFound`,
+  and is opened with ``O_NONBLOCK`` so that it never blocks a thread.
+- Files are created exclusively (``O_CREAT | O_EXCL``, which never follows a link) under a
+  name unique to this host, process and thread, then linked or renamed into place.
+
+This module knows nothing of HTTP or Twisted. It raises :class:`NotFound` for what is absent
+or not allowed to be seen, and lets other ``OSError``\\ s through for the caller to judge
+(a full disk is not the same failure as a missing file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import socket
+import stat
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .errors import NotFound
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NOFOLLOW = os.O_NOFOLLOW
+#: errno values that mean "this name is not a directory we may enter": a link (ELOOP with
+#: O_NOFOLLOW), a file (ENOTDIR), or gone (ENOENT).
+_NOT_A_DIRECTORY = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}
+_NOT_A_FILE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO}
+
+#: A prefix of every temporary name, so that a clean-up can find them (they are dot-names:
+#: never listed, never served).
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def temporary_name(purpose: str = "") -> str:
+    """A file name no other host, process or thread will pick: for exclusive creation.
+
+    ``purpose`` (a plain name, for example the file it will replace) is kept in the name
+    to help an operator who looks at the directory.
+    """
+    host = socket.gethostname().replace("/", "_")[:40] or "host"
+    tag = purpose.replace("/", "_")[:60]
+    return (
+        f"{TEMPORARY_PREFIX}{tag}.{host}.{os.getpid()}.{threading.get_ident()}."
+        f"{secrets.token_hex(6)}"
+    )
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    """A regular file opened for reading, with the status of what was opened."""
+
+    file: BinaryIO
+    status: os.stat_result
+
+    def read_all(self) -> bytes:
+        """The whole content, read from the open handle."""
+        chunks: list[bytes] = []
+        while True:
+            chunk = self.file.read(1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def close(self) -> None:
+        """Close the handle."""
+        self.file.close()
+
+    def __enter__(self) -> OpenedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Directory:
+    """An open directory under the data root: every operation is relative to its handle.
+
+    ``relative`` is its path relative to the root (``""`` for the root), for messages
+    that may be shown to clients and the log; it is never used to reach the directory.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, fd: int, relative: str) -> None:
+        self.fd = fd
+        self.relative = relative
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the handle (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Directory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A forgotten handle must not leak a descriptor for the life of the process.
+        with contextlib.suppress(OSError):
+            self.close()
+
+    def child_path(self, name: str) -> str:
+        """``name`` inside this directory, relative to the root: for messages only."""
+        return f"{self.relative}/{name}" if self.relative else name
+
+    # -- walking ----------------------------------------------------------------------------
+
+    def subdir(self, name: str, *, follow: bool = False) -> Directory:
+        """The subdirectory ``name``, opened without following a link unless ``follow``.
+
+        Raises :class:`NotFound` when it is missing, a link (unless ``follow``) or not a
+        directory.
+        """
+        _check_name(name)
+        flags = _DIR_FLAGS | (0 if follow else _NOFOLLOW)
+        try:
+            fd = os.open(name, flags, dir_fd=self.fd)
+        except OSError as e:
+            if e.errno in _NOT_A_DIRECTORY:
+                raise NotFound(f"{self.child_path(name)} is not a directory") from None
+            raise
+        return Directory(fd, self.child_path(name))
+
+    def walk(self, names: Iterable[str], *, follow: bool = False) -> Directory:
+        """The directory reached through ``names`` from here, each opened as :meth:`subdir`.
+
+        Returns a new handle (this one stays open); raises :class:`NotFound` as
+        :meth:`subdir` does.
+        """
+        current = Directory(os.dup(self.fd), self.relative)
+        for name in names:
+            try:
+                nxt = current.subdir(name, follow=follow)
+            finally:
+                current.close()
+            current = nxt
+        return current
+
+    def make_subdir(self, name: str, mode: int = 0o775) -> Directory:
+        """Create subdirectory ``name`` (it may already exist) and open it, never through a link.
+
+        Raises :class:`NotFound` when the name exists and is not a directory (or is a
+        link), and ``OSError`` when it cannot be created (full disk, permissions).
+        """
+        _check_name(name)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, mode, dir_fd=self.fd)
+        return self.subdir(name)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def open_file(self, name: str, *, follow: bool = False) -> OpenedFile:
+        """Open regular file ``name`` for reading, never through a link unless ``follow``.
+
+        Raises :class:`NotFound` for a missing name, a link (unless ``follow``), a
+        directory, or anything that is not a regular file (FIFO, socket, device: opened
+        with ``O_NONBLOCK`` so they never block).
+        """
+        _check_name(name)
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else _NOFOLLOW)
+        try:
+            fd = os.open(name, flags, dir_fd=self.fd)
+        except OSError as e:
+            if e.errno in _NOT_A_FILE:
+                raise NotFound(f"{self.child_path(name)} does not exist") from None
+            raise
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise NotFound(f"{self.child_path(name)} is not a regular file")
+            return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)  # type: ignore[arg-type]
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_file(self, name: str, *, follow: bool = False) -> tuple[bytes, os.stat_result]:
+        """The content and status of regular file ``name`` (see :meth:`open_file`)."""
+        with self.open_file(name, follow=follow) as opened:
+            return opened.read_all(), opened.status
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        """The status of ``name`` itself (a link is not followed), or None when missing."""
+        _check_name(name)
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def stat(self, name: str, *, follow: bool = False) -> os.stat_result | None:
+        """The status of ``name``, following a link only when ``follow``; None when missing."""
+        if not follow:
+            return self.lstat(name)
+        _check_name(name)
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=True)
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return None
+
+    def is_file(self, name: str) -> bool:
+        """Whether ``name`` is a regular file here (a link is not one)."""
+        st = self.lstat(name)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    def is_dir(self, name: str) -> bool:
+        """Whether ``name`` is a directory here (a link to one is not)."""
+        st = self.lstat(name)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def entries(self) -> Iterator[os.DirEntry[str]]:
+        """The entries of this directory (their types as on disk: links are links)."""
+        with os.scandir(self.fd) as scan:
+            yield from scan
+
+    def names(self) -> list[str]:
+        """The names in this directory."""
+        return os.listdir(self.fd)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def create_exclusive(self, name: str, content: bytes, mode: int = 0o664) -> None:
+        """Create ``name`` holding ``content``, durably; fail if the name exists in any form.
+
+        ``O_CREAT | O_EXCL`` never follows a link: a planted link makes this fail with
+        ``FileExistsError``, it never creates the link's target. The content is fsynced
+        before return. On any failure the partial file is removed. Raises ``OSError``
+        (``FileExistsError`` when the name is taken, ``ENOSPC``/``EDQUOT`` when full).
+        """
+        _check_name(name)
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            mode,
+            dir_fd=self.fd,
+        )
+        try:
+            view = memoryview(content)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self.remove(name)
+            raise
+        os.close(fd)
+
+    def write_temporary(self, content: bytes, purpose: str = "", mode: int = 0o664) -> str:
+        """Write ``content`` durably to a new temporary (dot-)file here; return its name."""
+        while True:
+            name = temporary_name(purpose)
+            try:
+                self.create_exclusive(name, content, mode)
+            except FileExistsError:
+                continue
+            return name
+
+    def open_lock(self, name: str, mode: int = 0o664) -> int:
+        """A descriptor of lock file ``name``, created if missing, never through a link.
+
+        For ``fcntl`` locks between the threads and processes of one host. Raises
+        :class:`NotFound` when the name is a link or not a regular file.
+        """
+        _check_name(name)
+        try:
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                mode,
+                dir_fd=self.fd,
+            )
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise NotFound(f"{self.child_path(name)} is not a lock file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotFound(f"{self.child_path(name)} is not a lock file")
+        return fd
+
+    def link(self, source: str, target: str, target_dir: Directory | None = None) -> None:
+        """Make ``target`` (in ``target_dir``, else here) a new name of file ``source``.
+
+        Atomic and exclusive on every POSIX filesystem: raises ``FileExistsError`` when
+        ``target`` exists, whatever it is. Links are never followed.
+        """
+        _check_name(source)
+        _check_name(target)
+        os.link(
+            source,
+            target,
+            src_dir_fd=self.fd,
+            dst_dir_fd=(target_dir or self).fd,
+            follow_symlinks=False,
+        )
+
+    def rename(self, source: str, target: str, target_dir: Directory | None = None) -> None:
+        """Rename ``source`` to ``target`` (in ``target_dir``, else here), replacing it.
+
+        Atomic: readers of ``target`` see the old file or the new one. A link at
+        ``target`` is replaced, never followed.
+        """
+        _check_name(source)
+        _check_name(target)
+        os.rename(source, target, src_dir_fd=self.fd, dst_dir_fd=(target_dir or self).fd)
+
+    def remove(self, name: str) -> bool:
+        """Remove ``name`` (a file or a link, never what a link points to). False if missing."""
+        _check_name(name)
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sync(self) -> None:
+        """fsync this directory, so that names created or renamed in it are durable."""
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            # Some network filesystems refuse fsync on a directory; the rename still holds.
+            if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+                raise
+
+
+class RootFS:
+    """The data root, held open: the one way in to its files.
+
+    ``follow_symlinks`` is the operator's ``--follow-symlinks``: it lets *reads* pass
+    through symbolic links (datasets linked in from other disks); nothing else does.
+    Raises ``OSError`` when the root cannot be opened as a directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], follow_symlinks: bool = False) -> None:
+        self.path = os.path.realpath(root)
+        self.follow_symlinks = follow_symlinks
+        self._fd = os.open(self.path, _DIR_FLAGS)
+
+    def close(self) -> None:
+        """Close the root's handle."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def root(self) -> Directory:
+        """A new handle of the root directory itself."""
+        return Directory(os.dup(self._fd), "")
+
+    def open_dir(self, names: Iterable[str], *, for_write: bool = False) -> Directory:
+        """The directory that ``names`` (already validated path segments) lead to.
+
+        For reads, links are followed only when the operator allowed it; for writes never.
+        Raises :class:`NotFound` when a component is missing, not a directory, or a link
+        that may not be followed.
+        """
+        follow = self.follow_symlinks and not for_write
+        with self.root() as top:
+            return top.walk(names, follow=follow)
+
+    def open_file(self, names: list[str]) -> OpenedFile:
+        """Open the regular file that ``names`` lead to, for reading (see :meth:`open_dir`)."""
+        if not names:
+            raise NotFound("not a file")
+        with self.open_dir(names[:-1]) as directory:
+            return directory.open_file(names[-1], follow=self.follow_symlinks)
+
+
+def _check_name(name: str) -> None:
+    """Refuse a name that is not one plain component (a bug in the caller, not the client)."""
+    if not name or name in (".", "..") or "/" in name or "\x00" in name:
+        raise ValueError(f"not a plain file name: {name!r}")
