@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import BadRequest, Forbidden, NotFound
+from .rootfs import RootFS
 
 #: The longest single name most filesystems accept, in bytes.
 MAX_NAME_BYTES = 255
@@ -55,6 +56,8 @@ class DataRoot:
     def __init__(self, root: str | os.PathLike[str], follow_symlinks: bool = False) -> None:
         self.root = Path(os.path.realpath(root))
         self.follow_symlinks = follow_symlinks
+        #: The root held open: the way every read and write reaches a file under it.
+        self.fs = RootFS(self.root, follow_symlinks)
 
     def for_reading(self, segments: Iterable[str]) -> Path:
         """The path that the URL segments name, checked for reading.
