@@ -28,8 +28,10 @@ from .encoding import encode_body
 from .errors import NotFound, ServerError
 from .paths import DataRoot
 
-CHUNK_PATTERN = r"\d+-\d+_\d+-\d+_\d+-\d+(?:\.tiff?)?"
-_CHUNK_NAME = re.compile(r"^(\d+)-(\d+)_(\d+)-(\d+)_(\d+)-(\d+)(?:\.tiff?)?$")
+#: A chunk name. ASCII digits only: ``\d`` would match other scripts' digits, which ``int``
+#: reads as the same number, so ``\u0660-64_...`` would be an alias of ``0-64_...``.
+CHUNK_PATTERN = r"[0-9]+-[0-9]+_[0-9]+-[0-9]+_[0-9]+-[0-9]+(?:\.tiff?)?"
+_CHUNK_NAME = re.compile(r"([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)(?:\.tiff?)?")
 #: Extensions tried, in order, for the file of a chunk.
 CHUNK_EXTENSIONS = (".tiff", ".tif")
 
@@ -51,7 +53,7 @@ class ChunkName:
 
         An empty or inverted box is not a chunk name either.
         """
-        match = _CHUNK_NAME.match(name)
+        match = _CHUNK_NAME.fullmatch(name)
         if match is None:
             return None
         x0, x1, y0, y1, z0, z1 = (int(g) for g in match.groups())

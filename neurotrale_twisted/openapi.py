@@ -19,6 +19,7 @@ from importlib import metadata
 from typing import Any
 
 from .chunks import CHUNK_PATTERN
+from .protocol import MAX_VERSION_DIGITS
 
 OPENAPI_VERSION = "3.0.3"
 
@@ -370,7 +371,7 @@ ANNOTATION_READ = _with_head(
                 "in": "query",
                 "required": False,
                 "description": "Answer this kept version's content instead of the file's.",
-                "schema": {"type": "integer", "minimum": 1},
+                "schema": {"type": "integer", "minimum": 1, "maximum": 10**MAX_VERSION_DIGITS - 1},
             },
             _ref("parameters", "If-None-Match"),
         ],

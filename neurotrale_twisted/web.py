@@ -24,6 +24,7 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.static import File
+from twisted.web.util import redirectTo
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
@@ -32,7 +33,7 @@ from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkResponse, ChunkSource, file_etag
 from .datasets import find_datasets
-from .errors import BadRequest, DomainError, NotFound
+from .errors import BadRequest, DomainError, MethodNotAllowed, NotFound
 from .health import Health, check_data_root
 from .http import (
     BodyResource,
@@ -49,6 +50,7 @@ from .http import (
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
 from .paths import DataRoot, clean_segments
+from .protocol import MAX_VERSION_DIGITS
 
 log = Logger()
 P = ParamSpec("P")
@@ -103,6 +105,17 @@ class DataFile(File):
         if root is None:
             return names
         return [n for n in names if root.may_read(os.path.join(self.path, n))]
+
+    def redirect(self, request: IRequest) -> bytes:
+        """Redirect a directory's URL to the same URL with a ``/``, relatively.
+
+        ``File`` would send the request's own path plus ``/``: for ``GET //dataset`` that is
+        ``//dataset/``, which a browser reads as the host ``dataset``. ``./NAME/`` stays on
+        this host and keeps a proxy's path prefix.
+        """
+        path, _, query = request.uri.partition(b"?")
+        location = b"./" + path.rsplit(b"/", 1)[-1] + b"/" + (b"?" + query if query else b"")
+        return redirectTo(location, request)  # type: ignore[no-any-return]
 
     def render_GET(self, request: IRequest) -> Any:
         """Serve the file, or list the directory (redirecting to the URL with a ``/``)."""
@@ -174,7 +187,12 @@ class Neurotrale:
             None if self.htpasswd is None else make_portal(self.htpasswd, routes, self._in_thread)
         )
         policy = WritePolicy(self.read_only, portal, self.auth_reads)
-        return NeurotraleRoot(routes, self.cors, policy)
+        return NeurotraleRoot(routes, self.cors, policy, self.allowed_methods)
+
+    def allowed_methods(self, path: str) -> list[str]:
+        """The methods the route at URL ``path`` answers (``OPTIONS`` aside), for ``Allow``."""
+        adapter = self.app.url_map.bind("localhost", path_info=path)
+        return sorted(adapter.allowed_methods()) or READ_METHODS
 
     def _in_thread(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
@@ -316,7 +334,10 @@ class Neurotrale:
                 return store.put(path, body, if_match)
             if method == b"PATCH":
                 return store.patch(path, body, record_id, if_match)
-            return store.delete(path, record_id, if_match)
+            if method == b"DELETE":
+                return store.delete(path, record_id, if_match)
+            # Never "otherwise delete": the root lets only exact tokens through, so this is a bug.
+            raise MethodNotAllowed(f"method {method.decode('latin-1')} is not allowed here")
 
         result = await self._in_thread(write)
         request.setHeader(b"etag", result.etag.encode())
@@ -332,8 +353,12 @@ class Neurotrale:
         store = self.annotations
         version = _query(request, b"version")
         want_list = b"versions" in _query_names(request)
-        if version is not None and not (version.isascii() and version.isdigit()):
-            raise BadRequest("?version= must be a positive integer")
+        if version is not None and not (
+            version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS
+        ):
+            raise BadRequest(
+                f"?version= must be a positive integer of at most {MAX_VERSION_DIGITS} digits"
+            )
 
         def read() -> Any:
             dataset_dir = self.root.for_reading(segments)
@@ -407,7 +432,9 @@ class Neurotrale:
                 uri=request.uri.decode("latin-1"),
                 message=error.message,
             )
-        return error_response(request, error.status, error.message)
+        # Paths under the root become relative to it (error_response drops any other).
+        message = error.message.replace(str(self.root.root).rstrip(os.sep) + os.sep, "")
+        return error_response(request, error.status, message)
 
     @app.handle_errors(HTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -450,5 +477,11 @@ def _query_names(request: IRequest) -> set[bytes]:
 
 
 def _query(request: IRequest, name: bytes) -> str | None:
+    """The first value of query parameter ``name``; :class:`BadRequest` if it is not UTF-8."""
     values = request.args.get(name)  # type: ignore[attr-defined]
-    return None if not values else values[0].decode("utf-8", "replace")
+    if not values:
+        return None
+    try:
+        return str(values[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest(f"?{name.decode('latin-1')}= is not valid UTF-8") from None
