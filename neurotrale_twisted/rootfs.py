@@ -194,6 +194,37 @@ class Directory:
             os.close(fd)
             raise
 
+    def open_entry(self, name: str, *, follow: bool = False) -> Directory | OpenedFile:
+        """Open ``name`` if it is a directory or a regular file, and tell which by what it is.
+
+        For a file server, which lists the one and serves the other: a single open, and the
+        status of what was opened decides, so a name swapped between the two meanwhile cannot
+        be mistaken. A link is not followed unless ``follow``. Raises :class:`NotFound` for a
+        missing name, a link that may not be followed, and anything else (a FIFO, socket or
+        device is not even opened, and would be opened with ``O_NONBLOCK``).
+        """
+        _check_name(name)
+        before = self.stat(name, follow=follow)
+        if before is None or not (stat.S_ISDIR(before.st_mode) or stat.S_ISREG(before.st_mode)):
+            raise NotFound(f"{self.child_path(name)} is not a file or directory")
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else _NOFOLLOW)
+        try:
+            fd = os.open(name, flags, dir_fd=self.fd)
+        except OSError as e:
+            if e.errno in _NOT_A_FILE:
+                raise NotFound(f"{self.child_path(name)} does not exist") from None
+            raise
+        try:
+            status = os.fstat(fd)
+            if stat.S_ISDIR(status.st_mode):
+                return Directory(fd, self.child_path(name))
+            if not stat.S_ISREG(status.st_mode):
+                raise NotFound(f"{self.child_path(name)} is not a regular file")
+            return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)  # type: ignore[arg-type]
+        except BaseException:
+            os.close(fd)
+            raise
+
     def read_file(self, name: str, *, follow: bool = False) -> tuple[bytes, os.stat_result]:
         """The content and status of regular file ``name`` (see :meth:`open_file`)."""
         with self.open_file(name, follow=follow) as opened:
@@ -231,6 +262,29 @@ class Directory:
         """The entries of this directory (their types as on disk: links are links)."""
         with os.scandir(self.fd) as scan:
             yield from scan
+
+    def readable_entries(self, *, follow: bool = False) -> Iterator[tuple[str, bool]]:
+        """``(name, is_directory)`` of each directory and regular file here that reads may reach.
+
+        For listings and the dataset index. Left out: dot-names (history, locks,
+        temporaries), links unless ``follow`` (and then links that lead nowhere), FIFOs,
+        sockets and devices. In the order of the directory; sort them to show them.
+        """
+        for entry in self.entries():
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_symlink():
+                    if not follow:
+                        continue
+                    is_dir, is_file = entry.is_dir(), entry.is_file()
+                else:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    is_file = entry.is_file(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir or is_file:
+                yield entry.name, is_dir
 
     def names(self) -> list[str]:
         """The names in this directory."""
@@ -361,6 +415,23 @@ class RootFS:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def still_at_path(self) -> bool:
+        """Whether the held root is still the directory at its path.
+
+        False once it was removed, or moved away or replaced by another directory: the
+        server would go on serving the old one, which the operator should hear of (the
+        health check). Raises ``OSError`` when the held root cannot even be examined.
+        """
+        held = os.fstat(self._fd)
+        try:
+            current = os.stat(self.path)
+        except OSError:
+            return False
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (
+            current.st_dev,
+            current.st_ino,
+        )
 
     def root(self) -> Directory:
         """A new handle of the root directory itself."""

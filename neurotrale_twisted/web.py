@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import os
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 
 from klein import Klein
@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.static import File
+from twisted.web.static import DirectoryLister, File, formatFileSize, getTypeAndEncoding
 from twisted.web.util import redirectTo
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
@@ -31,7 +31,7 @@ from werkzeug.routing import BaseConverter
 from . import docs
 from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
-from .chunks import CHUNK_PATTERN, ChunkName, ChunkResponse, ChunkSource, file_etag
+from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
 from .datasets import find_datasets
 from .errors import BadRequest, DomainError, MethodNotAllowed, NotFound
 from .health import Health, check_data_root
@@ -51,6 +51,8 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
 from .paths import DataRoot, clean_segments
 from .protocol import MAX_VERSION_DIGITS
+from .rootfs import OpenedFile
+from .static import Listing, find_static
 
 log = Logger()
 P = ParamSpec("P")
@@ -73,12 +75,14 @@ class AnnotationNameConverter(BaseConverter):
 
 
 class DataFile(File):
-    """Twisted's static ``File``, made safe for a data root.
+    """Twisted's static ``File``, serving what :func:`static.find_static` opened.
 
-    Dot-names are neither listed nor served; ``info`` is JSON and unknown types are
+    It never looks at the disk itself: ``File``'s questions about its path (does it exist,
+    its size and time, open it) are answered from the file that was opened, and streamed
+    from that open file, or from the listing that was read. Its path is the URL path, for
+    the name only (the content type). ``info`` is JSON and unknown types are
     ``application/octet-stream`` (never ``text/html``); a strong ETag with 304 on
     ``If-None-Match`` comes on top of ``File``'s ``Last-Modified``, ``Range`` and ``HEAD``.
-    It is a leaf: the route resolves the whole path through :class:`DataRoot` first.
     """
 
     isLeaf = True
@@ -96,15 +100,43 @@ class DataFile(File):
     }
     childNotFound = JsonErrorResource(404, "not found")  # type: ignore[assignment]
     forbidden = JsonErrorResource(403, "forbidden")  # type: ignore[assignment]
-    data_root: DataRoot | None = None
 
-    def listNames(self) -> list[str]:
-        """The names a directory listing shows: no dot-names, no links out of the root."""
-        names = [n for n in super().listNames() if not n.startswith(".")]
-        root = self.data_root
-        if root is None:
-            return names
-        return [n for n in names if root.may_read(os.path.join(self.path, n))]
+    def __init__(self, found: OpenedFile | Listing, url_path: str) -> None:
+        super().__init__(url_path, defaultType="application/octet-stream")
+        self.found = found
+
+    def _opened(self) -> OpenedFile:
+        assert isinstance(self.found, OpenedFile)
+        return self.found
+
+    # What File would ask its FilePath, answered from what was opened.
+    def restat(self, reraise: bool = True) -> None:
+        """Nothing to look up again: the status is that of the open file."""
+
+    def exists(self) -> bool:
+        """It was found."""
+        return True
+
+    def isdir(self) -> bool:
+        """Whether it is a directory (its listing was read)."""
+        return isinstance(self.found, Listing)
+
+    def getsize(self) -> int:
+        """The size of the open file."""
+        return int(self._opened().status.st_size)
+
+    def getModificationTime(self) -> float:
+        """The modification time of the open file."""
+        return float(self._opened().status.st_mtime)
+
+    def openForReading(self) -> BinaryIO:
+        """The open file, which ``File``'s producer reads and closes."""
+        return self._opened().file
+
+    def directoryListing(self) -> DataListing:
+        """The listing that was read."""
+        assert isinstance(self.found, Listing)
+        return DataListing(self.found, self.contentTypes, self.contentEncodings, self.defaultType)
 
     def redirect(self, request: IRequest) -> bytes:
         """Redirect a directory's URL to the same URL with a ``/``, relatively.
@@ -119,21 +151,21 @@ class DataFile(File):
 
     def render_GET(self, request: IRequest) -> Any:
         """Serve the file, or list the directory (redirecting to the URL with a ``/``)."""
-        self.restat(False)
-        if not self.exists():
-            return self.childNotFound.render(request)
-        if self.isdir():
+        found = self.found
+        if isinstance(found, Listing):
             if request.path.endswith(b"/"):
                 return self.directoryListing().render(request)
             return self.redirect(request)
         if self.basename() == "info":
             self.type, self.encoding = "application/json", None
-        status = os.stat(self.path)
+        status = found.status
         if request.setETag(file_etag(status).encode()) is http.CACHED:
+            found.close()
             return b""
         try:
             single_range(request.getHeader(b"range"), status.st_size)
         except Unsatisfiable:
+            found.close()
             # File would answer an empty body under the file's own content type.
             body = error_response(
                 request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
@@ -143,6 +175,56 @@ class DataFile(File):
         return super().render_GET(request)
 
     render_HEAD = render_GET
+
+
+class DataListing(DirectoryLister):
+    """Twisted's directory listing page, of names read beforehand (it looks at no disk).
+
+    Names are HTML-escaped and URL-quoted as Twisted does.
+    """
+
+    def __init__(
+        self,
+        listing: Listing,
+        content_types: dict[str, str],
+        content_encodings: dict[str, str],
+        default_type: str,
+    ) -> None:
+        names = [n.name for n in listing.names]
+        super().__init__("", names, content_types, content_encodings, default_type)
+        self.listing = listing
+
+    def _getFilesAndDirectories(
+        self, directory: list[str]
+    ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        dirs: list[dict[str, str]] = []
+        files: list[dict[str, str]] = []
+        for entry in self.listing.names:
+            href, text = quote(entry.name, "/"), html.escape(entry.name)
+            if entry.is_dir:
+                dirs.append(
+                    {
+                        "text": text + "/",
+                        "href": href + "/",
+                        "size": "",
+                        "type": "[Directory]",
+                        "encoding": "",
+                    }
+                )
+                continue
+            mimetype, encoding = getTypeAndEncoding(
+                entry.name, self.contentTypes, self.contentEncodings, self.defaultType
+            )
+            files.append(
+                {
+                    "text": text,
+                    "href": href,
+                    "type": f"[{mimetype}]",
+                    "encoding": f"[{encoding}]" if encoding else "",
+                    "size": formatFileSize(entry.size),
+                }
+            )
+        return dirs, files
 
 
 class Neurotrale:
@@ -267,7 +349,7 @@ class Neurotrale:
         name = ChunkName.parse(chunk)
         if name is None:
             raise NotFound(f"{chunk!r} is not a chunk name")
-        segments = dataset.split("/")  # checked by DataRoot.for_reading on the thread
+        segments = clean_segments(dataset.split("/"))
         clean_segments([key])
         range_header = request.getHeader(b"range")
         # A range answer is never compressed: its offsets are offsets of the raw bytes.
@@ -277,12 +359,7 @@ class Neurotrale:
         def client_has(etag: str) -> bool:
             return inm is not None and none_match(inm, etag)
 
-        def respond() -> ChunkResponse:
-            # Resolving links touches the disk: off the reactor thread, like the rest.
-            dataset_dir = self.root.for_reading(segments)
-            return self.chunks.respond(dataset_dir, key, name, coding, client_has)
-
-        answer = await self._in_thread(respond)
+        answer = await self._in_thread(self.chunks.respond, segments, key, name, coding, client_has)
         request.setHeader(b"vary", b"Accept-Encoding")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"last-modified", http.datetimeToString(answer.modified))
@@ -391,7 +468,7 @@ class Neurotrale:
             return json_body(
                 request, 503, {"status": "stopping", "detail": "the server is stopping"}
             )
-        check = self._in_thread(check_data_root, self.root.root)
+        check = self._in_thread(check_data_root, self.root.fs)
         check.addTimeout(5, self.reactor)  # type: ignore[arg-type]
         try:
             health = await check
@@ -411,12 +488,13 @@ class Neurotrale:
     # --- everything else: the static files ------------------------------------------------
 
     @app.route("/<path:rest>", methods=READ_METHODS)
-    def static(self, request: IRequest, rest: str) -> IResource:
-        """Any other file or directory under the root, through Twisted's static ``File``."""
-        path = self.root.for_reading(rest.split("/"))
-        resource = DataFile(str(path), defaultType="application/octet-stream")
-        resource.data_root = self.root
-        return resource
+    async def static(self, request: IRequest, rest: str) -> IResource:
+        """Any other file or directory under the root: found and opened through the data
+        root's file layer on the thread pool, then streamed by Twisted's static ``File``
+        from the file that was opened."""
+        segments = clean_segments(rest.split("/"))
+        found = await self._in_thread(find_static, self.root.fs, segments)
+        return DataFile(found, "/" + "/".join(segments))
 
     # --- errors ---------------------------------------------------------------------------
 

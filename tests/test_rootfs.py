@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from neurotrale_twisted.errors import NotFound
-from neurotrale_twisted.rootfs import RootFS
+from neurotrale_twisted.rootfs import Directory, OpenedFile, RootFS
 
 
 @pytest.fixture
@@ -55,6 +55,62 @@ def test_a_fifo_is_not_found_and_does_not_block(layout: tuple[Path, Path]) -> No
     os.mkfifo(root / "brain" / "pipe")
     with RootFS(root).open_dir(["brain"]) as brain, pytest.raises(NotFound):
         brain.read_file("pipe")
+
+
+def test_open_entry_opens_a_directory_or_a_regular_file_and_nothing_else(
+    layout: tuple[Path, Path],
+) -> None:
+    root, outside = layout
+    brain = root / "brain"
+    os.mkfifo(brain / "pipe")
+    (brain / "leak").symlink_to(outside / "secret")
+    (brain / "away").symlink_to(outside)
+    with RootFS(root).open_dir(["brain"]) as directory:
+        with directory.open_entry("annotations") as sub:
+            assert isinstance(sub, Directory) and sub.relative == "brain/annotations"
+        with directory.open_entry("info") as opened:
+            assert isinstance(opened, OpenedFile) and opened.read_all() == b"{}"
+        for name in ("pipe", "leak", "away", "missing"):
+            with pytest.raises(NotFound):
+                directory.open_entry(name)
+        with directory.open_entry("leak", follow=True) as opened:
+            assert isinstance(opened, OpenedFile) and opened.read_all() == b"key"
+        with pytest.raises(NotFound):
+            directory.open_entry("pipe", follow=True)
+
+
+def test_readable_entries_leave_out_dot_names_links_and_special_files(
+    layout: tuple[Path, Path],
+) -> None:
+    root, outside = layout
+    brain = root / "brain"
+    os.mkfifo(brain / "pipe")
+    (brain / ".versions").mkdir()
+    (brain / ".lock").write_text("")
+    (brain / "leak").symlink_to(outside / "secret")
+    (brain / "away").symlink_to(outside)
+    (brain / "dangling").symlink_to(outside / "nothing")
+    with RootFS(root).open_dir(["brain"]) as directory:
+        assert sorted(directory.readable_entries()) == [("annotations", True), ("info", False)]
+        assert sorted(directory.readable_entries(follow=True)) == [
+            ("annotations", True),
+            ("away", True),
+            ("info", False),
+            ("leak", False),
+        ]
+
+
+def test_still_at_path_until_the_root_is_moved_or_removed(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    fs = RootFS(root)
+    assert fs.still_at_path()
+    root.rename(tmp_path / "moved")
+    root.mkdir()  # another directory by the same name
+    assert not fs.still_at_path()
+    moved = RootFS(tmp_path / "moved")
+    os.rmdir(tmp_path / "moved")
+    assert not moved.still_at_path()
 
 
 def test_exclusive_creation_never_writes_through_a_planted_link(
