@@ -19,6 +19,7 @@ from importlib import metadata
 from typing import Any
 
 from .chunks import CHUNK_PATTERN
+from .history import HISTORY_ASSETS
 
 OPENAPI_VERSION = "3.0.3"
 
@@ -349,14 +350,25 @@ WRITE_ERRORS = {
 ANNOTATION_READ = _with_head(
     {
         "tags": ["annotations"],
-        "summary": "An annotation file, its list of versions, or one old version",
+        "summary": "An annotation file, its versions, one old version, or its history page",
         "operationId": "getAnnotations",
         "description": (
             "With no query: the file as stored (`Cache-Control: no-cache`, a strong ETag, 304 "
             "on `If-None-Match`). With `?versions`: the versions kept of it, newest first. "
-            "With `?version=N`: that version's content, which can be put back with a PUT."
+            "With `?version=N`: that version's content, which can be put back with a PUT. "
+            "With `?history`: an HTML page for people, listing the versions with what each "
+            "changed, showing their records, and restoring one by a click (a PUT with "
+            "`If-Match`); it comes before the other parameters."
         ),
         "parameters": [
+            {
+                "name": "history",
+                "in": "query",
+                "required": False,
+                "allowEmptyValue": True,
+                "description": "Present (with any value, or none): the HTML history page.",
+                "schema": {"type": "string"},
+            },
             {
                 "name": "versions",
                 "in": "query",
@@ -376,7 +388,8 @@ ANNOTATION_READ = _with_head(
         ],
         "responses": {
             "200": {
-                "description": "The file (or the version asked for), or the list of versions.",
+                "description": "The file (or the version asked for), the list of versions, or "
+                "(`?history`) the history page.",
                 "content": {
                     "application/json": {
                         "schema": {
@@ -385,7 +398,8 @@ ANNOTATION_READ = _with_head(
                                 {"type": "array", "items": _ref("schemas", "Version")},
                             ]
                         }
-                    }
+                    },
+                    "text/html": {"schema": {"type": "string"}},
                 },
             },
             "304": {"description": "The client's copy (`If-None-Match`) is current."},
@@ -572,14 +586,16 @@ API_DOCUMENT = _with_head(
 API_ASSET = _with_head(
     {
         "tags": ["documentation"],
-        "summary": "A file of Swagger UI",
+        "summary": "A file of Swagger UI, or of the annotation history page",
         "operationId": "apiAsset",
         "responses": {
             "200": {
                 "description": "The file.",
                 "content": {
                     media: {"schema": {"type": "string"}}
-                    for media in sorted({t.split(";")[0] for t in SWAGGER_ASSETS.values()})
+                    for media in sorted(
+                        {t.split(";")[0] for t in (SWAGGER_ASSETS | HISTORY_ASSETS).values()}
+                    )
                 },
             },
             "304": {"description": "The client's copy is current."},
@@ -663,7 +679,12 @@ ROUTES: dict[str, Json] = {
     "/api/openapi.json": API_DOCUMENT,
     "/api/<asset>": {
         "parameters": [
-            _path("asset", "The file's name.", "swagger-ui.css", enum=sorted(SWAGGER_ASSETS))
+            _path(
+                "asset",
+                "The file's name.",
+                "swagger-ui.css",
+                enum=sorted(SWAGGER_ASSETS | HISTORY_ASSETS),
+            )
         ],
         **API_ASSET,
     },

@@ -27,7 +27,7 @@ from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from . import docs
+from . import docs, history
 from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkResponse, ChunkSource, file_etag
@@ -95,6 +95,14 @@ class DataFile(File):
     childNotFound = JsonErrorResource(404, "not found")  # type: ignore[assignment]
     forbidden = JsonErrorResource(403, "forbidden")  # type: ignore[assignment]
     data_root: DataRoot | None = None
+
+    def directoryListing(self) -> Any:
+        """The listing of this directory; an annotation block's links each file's history."""
+        if not history.is_block_directory(self.path):
+            return super().directoryListing()
+        return history.BlockListing(
+            self.path, self.listNames(), self.contentTypes, self.contentEncodings, self.defaultType
+        )
 
     def listNames(self) -> list[str]:
         """The names a directory listing shows: no dot-names, no links out of the root."""
@@ -299,6 +307,8 @@ class Neurotrale:
         """Read, replace, upsert into or delete from one annotation file."""
         method = request.method
         segments = dataset.split("/")
+        if method in (b"GET", b"HEAD") and b"history" in _query_names(request):
+            return await self._history_page(request, segments, block, name)
         if method in (b"GET", b"HEAD"):
             return await self._read_annotation(request, segments, block, name)
         store = self.annotations
@@ -325,6 +335,25 @@ class Neurotrale:
             status = http.CREATED if result.created else http.OK
             return json_body(request, status, {"filename": result.filename, "count": result.count})
         return json_body(request, http.OK, {"id": result.record_id})
+
+    async def _history_page(
+        self, request: IRequest, segments: list[str], block: str, name: str
+    ) -> bytes:
+        """``?history``: the HTML page of the file's versions (404 when there is no file)."""
+        store = self.annotations
+
+        def exists() -> None:
+            dataset_dir = self.root.for_reading(segments)
+            store.read(store.locate(dataset_dir, block, name, for_write=False))
+
+        await self._in_thread(exists)
+        page = history.page(segments, block, name)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", history.CONTENT_SECURITY_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"content-length", b"%d" % len(page))
+        return page
 
     async def _read_annotation(
         self, request: IRequest, segments: list[str], block: str, name: str
