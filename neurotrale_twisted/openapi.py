@@ -15,9 +15,9 @@ import copy
 import json
 import re
 from functools import cache
-from importlib import metadata
 from typing import Any
 
+from . import project_version
 from .chunks import CHUNK_PATTERN
 from .history import HISTORY_ASSETS
 
@@ -342,8 +342,9 @@ ANNOTATION_PARAMETERS = [
 WRITE_ERRORS = {
     **_errors("400", "403", "404", "412", "413", "500"),
     "405": _error(
-        "The name is not an annotation file name, so the path is a plain file, which only "
-        "takes GET and HEAD."
+        "The path is not an annotation file's (a plain file, which only takes GET and HEAD). "
+        "A write to `annotations/{block}/{name}` whose name breaks the rule (letters, digits, "
+        "`-`, `_`, `.`; ends with `.json`; no leading `.`, no `..`) is a 400 naming the rule."
     ),
 }
 
@@ -728,10 +729,7 @@ def openapi_document(version: str | None = None) -> Json:
     """The OpenAPI 3.0 document describing every route, with ``version`` as the API's version
     (this package's version when None)."""
     if version is None:
-        try:
-            version = metadata.version("neurotrale-twisted")
-        except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare tree
-            version = "0"
+        version = project_version()
     paths: Json = {}
     for rule, item in ROUTES.items():
         path = openapi_path(rule)

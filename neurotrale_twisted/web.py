@@ -444,6 +444,8 @@ class Neurotrale:
         error = failure.value
         assert isinstance(error, HTTPException)
         status = error.code or 500
+        if status == http.NOT_ALLOWED and (refusal := _bad_annotation_name(request)):
+            return error_response(request, http.BAD_REQUEST, refusal)
         if status == http.NOT_ALLOWED:
             allowed = sorted(getattr(error, "valid_methods", None) or READ_METHODS)
             request.setHeader(b"allow", ", ".join([*allowed, "OPTIONS"]).encode())
@@ -462,6 +464,21 @@ class Neurotrale:
             uri=request.uri.decode("latin-1"),
         )
         return error_response(request, http.INTERNAL_SERVER_ERROR, "internal server error")
+
+
+def _bad_annotation_name(request: IRequest) -> str | None:
+    """Why a write to ``.../annotations/{block}/{name}`` was not routed, when ``name`` is no
+    annotation file name (the router only knows that the static route takes no writes)."""
+    if request.method not in (b"PUT", b"PATCH", b"DELETE"):
+        return None
+    segments = request.path.split(b"/")
+    if len(segments) < 5 or segments[-3] != b"annotations":
+        return None
+    name = unquote_to_bytes(segments[-1]).decode("utf-8", "replace")
+    return (
+        f"{name!r} is not an annotation file name: use letters, digits, '-', '_' and '.', "
+        "end with '.json', and do not begin with '.' nor hold '..'"
+    )
 
 
 def _header(request: IRequest, name: bytes) -> str | None:
