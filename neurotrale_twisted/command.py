@@ -21,7 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from . import service
-from .service import DataRootError
+from .service import CannotServe
 
 #: How the command was invoked, for its messages ("neurotrale" when run by :func:`main`).
 PROGRAM = "twistd neurotrale"
@@ -49,7 +49,7 @@ class Options(service.Options):
         """Parse ``options``, or say in one line what is wrong with them and exit."""
         try:
             super().parseOptions(options)
-        except DataRootError as e:
+        except CannotServe as e:
             fail(str(e), EXIT_FAILED)
         except usage.UsageError as e:
             fail(f"{e} (see {PROGRAM} --help)", EXIT_USAGE)

@@ -58,9 +58,10 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 _positive = _at_least(1)
 
 
-class DataRootError(usage.UsageError):
-    """The data root cannot be served (missing, not a directory, unreadable): not a
-    mistake in how the command was written, so the command line exits with status 1."""
+class CannotServe(usage.UsageError):
+    """A file the options name cannot be used (the data root is missing, not a directory or
+    unreadable; the htpasswd file is unreadable): not a mistake in how the command was
+    written, so the command line exits with status 1."""
 
 
 class _NamedParameter(usage.CoerceParameter):
@@ -175,16 +176,16 @@ class Options(usage.Options):
         else:
             source = " (the default: give --path DIR)"
         if not os.path.isdir(path):
-            raise DataRootError(f"the data root {path!r} is not a directory{source}")
+            raise CannotServe(f"the data root {path!r} is not a directory{source}")
         if not os.access(path, os.R_OK | os.X_OK):
-            raise DataRootError(f"the data root {path!r} is not readable{source}")
+            raise CannotServe(f"the data root {path!r} is not readable{source}")
         self["path"] = path
         if self["port"] is not None:
             self["listen"].append(f"tcp:{self['port']}")
         if not self["listen"]:
             self["listen"].append(DEFAULT_LISTEN)
         if self["htpasswd"] is not None and not os.access(self["htpasswd"], os.R_OK):
-            raise usage.UsageError(f"cannot read the htpasswd file {self['htpasswd']!r}")
+            raise CannotServe(f"cannot read the htpasswd file {self['htpasswd']!r} (--htpasswd)")
         if self["auth-reads"] and self["htpasswd"] is None:
             raise usage.UsageError("--auth-reads needs --htpasswd")
         if self["workers"] is None:

@@ -81,6 +81,11 @@ def test_a_missing_data_root_is_one_line_and_status_1(program: str, tmp_path: Pa
         f"{program}: error: the data root {str(missing)!r} is not a directory (--path)"
     ]
     assert done.stdout == ""
+    unreadable = run(*COMMANDS[program], "--path", str(tmp_path), "--htpasswd", str(missing))
+    assert unreadable.returncode == 1, unreadable
+    assert unreadable.stderr.splitlines() == [
+        f"{program}: error: cannot read the htpasswd file {str(missing)!r} (--htpasswd)"
+    ]
 
 
 @pytest.mark.parametrize("program", sorted(COMMANDS))
