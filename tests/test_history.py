@@ -195,7 +195,9 @@ async def test_restore_refuses_over_a_concurrent_change(
     url = f"{server.url}/{SLICE}"
     on_disk = data_root / SLICE
     assert (await treq.put(url, b"[]")).code == 200
-    theirs = [{"point": [1, 2, 10], "type": "point", "id": "someone-else", "anntype": "glia"}]
+    # Records are data: markup in them is shown as text, never run.
+    markup = '<img src="x" onerror="window.pwned = 1">'
+    theirs = [{"point": [1, 2, 10], "type": "point", "id": "someone-else", "anntype": markup}]
 
     def browse(page: Any) -> dict[str, Any]:
         watched = _watch(page, server.url)
@@ -205,12 +207,27 @@ async def test_restore_refuses_over_a_concurrent_change(
         status = _send("PUT", url, json.dumps(theirs).encode())
         page.locator('#versions tr[data-version="1"] button.restore').click()
         page.wait_for_selector("#message.refused")
-        return {"status": status, "message": page.inner_text("#message"), **watched}
+        message = page.inner_text("#message")
+        page.reload()
+        page.wait_for_selector("body[data-loaded]")
+        page.locator('#versions tr[data-version="current"] button.show').click()
+        shown = page.locator("#records tbody td:nth-child(3)").all_inner_texts()
+        pwned = page.evaluate("() => window.pwned")
+        images = page.locator("#records img").count()
+        return {
+            "status": status,
+            "message": message,
+            "shown": shown,
+            "pwned": pwned,
+            "images": images,
+            **watched,
+        }
 
     seen = await deferToThread(in_browser, browse)
     assert seen["status"] == 200
     assert "changed by someone else" in seen["message"]
     assert json.loads(on_disk.read_bytes()) == theirs
+    assert (seen["shown"], seen["pwned"], seen["images"]) == ([markup], None, 0)
     # The refusal was the server's 412; the browser logs that failed request as a console
     # error, nothing else.
     assert seen["left_host"] == []
