@@ -28,7 +28,7 @@ from twisted.web.util import redirectTo
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from . import docs
+from . import docs, history
 from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
 from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
@@ -136,7 +136,8 @@ class DataFile(File):
     def directoryListing(self) -> DataListing:
         """The listing that was read."""
         assert isinstance(self.found, Listing)
-        return DataListing(self.found, self.contentTypes, self.contentEncodings, self.defaultType)
+        lister = BlockListing if history.is_block_directory(self.path) else DataListing
+        return lister(self.found, self.contentTypes, self.contentEncodings, self.defaultType)
 
     def redirect(self, request: IRequest) -> bytes:
         """Redirect a directory's URL to the same URL with a ``/``, relatively.
@@ -223,6 +224,31 @@ class DataListing(DirectoryLister):
                     "encoding": f"[{encoding}]" if encoding else "",
                     "size": formatFileSize(entry.size),
                 }
+            )
+        return dirs, files
+
+
+class BlockListing(DataListing):
+    """The listing of an annotation block: each annotation file links its history page."""
+
+    template = DirectoryLister.template.replace(
+        "<th>Content encoding</th>", "<th>Content encoding</th>\n            <th>History</th>"
+    )
+    linePattern = DirectoryLister.linePattern.replace("</tr>", "    <td>%(history)s</td>\n</tr>")
+
+    def _getFilesAndDirectories(
+        self, directory: list[str]
+    ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        dirs, files = super()._getFilesAndDirectories(directory)
+        for entry in dirs:
+            entry["history"] = ""
+        for entry in files:
+            # ``text`` is the escaped name, ``href`` the quoted one.
+            name = html.unescape(entry["text"])
+            entry["history"] = (
+                f'<a class="history" href="{entry["href"]}?history">history</a>'
+                if history.is_annotation_name(name)
+                else ""
             )
         return dirs, files
 
@@ -394,6 +420,8 @@ class Neurotrale:
         """Read, replace, upsert into or delete from one annotation file."""
         method = request.method
         segments = dataset.split("/")
+        if method in (b"GET", b"HEAD") and b"history" in _query_names(request):
+            return await self._history_page(request, segments, block, name)
         if method in (b"GET", b"HEAD"):
             return await self._read_annotation(request, segments, block, name)
         store = self.annotations
@@ -423,6 +451,25 @@ class Neurotrale:
             status = http.CREATED if result.created else http.OK
             return json_body(request, status, {"filename": result.filename, "count": result.count})
         return json_body(request, http.OK, {"id": result.record_id})
+
+    async def _history_page(
+        self, request: IRequest, segments: list[str], block: str, name: str
+    ) -> bytes:
+        """``?history``: the HTML page of the file's versions (404 when there is no file)."""
+        store = self.annotations
+
+        def exists() -> None:
+            dataset_dir = self.root.for_reading(segments)
+            store.read(store.locate(dataset_dir, block, name, for_write=False))
+
+        await self._in_thread(exists)
+        page = history.page(segments, block, name)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", history.CONTENT_SECURITY_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"content-length", b"%d" % len(page))
+        return page
 
     async def _read_annotation(
         self, request: IRequest, segments: list[str], block: str, name: str
@@ -520,6 +567,8 @@ class Neurotrale:
         error = failure.value
         assert isinstance(error, HTTPException)
         status = error.code or 500
+        if status == http.NOT_ALLOWED and (refusal := _bad_annotation_name(request)):
+            return error_response(request, http.BAD_REQUEST, refusal)
         if status == http.NOT_ALLOWED:
             allowed = sorted(getattr(error, "valid_methods", None) or READ_METHODS)
             request.setHeader(b"allow", ", ".join([*allowed, "OPTIONS"]).encode())
@@ -538,6 +587,21 @@ class Neurotrale:
             uri=request.uri.decode("latin-1"),
         )
         return error_response(request, http.INTERNAL_SERVER_ERROR, "internal server error")
+
+
+def _bad_annotation_name(request: IRequest) -> str | None:
+    """Why a write to ``.../annotations/{block}/{name}`` was not routed, when ``name`` is no
+    annotation file name (the router only knows that the static route takes no writes)."""
+    if request.method not in (b"PUT", b"PATCH", b"DELETE"):
+        return None
+    segments = request.path.split(b"/")
+    if len(segments) < 5 or segments[-3] != b"annotations":
+        return None
+    name = unquote_to_bytes(segments[-1]).decode("utf-8", "replace")
+    return (
+        f"{name!r} is not an annotation file name: use letters, digits, '-', '_' and '.', "
+        "end with '.json', and do not begin with '.' nor hold '..'"
+    )
 
 
 def _header(request: IRequest, name: bytes) -> str | None:
