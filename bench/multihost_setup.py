@@ -41,6 +41,8 @@ DATASET = "brain"
 BLOCK = "x0y0z0"
 #: The URL path of the block's directory through haproxy (which strips ``/data``).
 BLOCK_URL = f"/data/{DATASET}/annotations/{BLOCK}"
+#: fuse3's unmount tool (``fusermount`` is its older name, a link to it on Debian).
+FUSERMOUNT = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
 
 
 def free_port() -> int:
@@ -63,9 +65,8 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def missing_tools() -> str | None:
     """Why two bindfs mounts behind haproxy cannot be set up here, or None when they can."""
-    for tool in ("bindfs", "fusermount"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install bindfs)"
+    if shutil.which("bindfs") is None or shutil.which(FUSERMOUNT) is None:
+        return "bindfs or fusermount is not installed (apt-get install bindfs)"
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing (a container needs --device /dev/fuse)"
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
@@ -131,9 +132,9 @@ class SharedDirectory:
         """Unmount every mount (lazily if it is busy); safe to call twice."""
         while self._mounted:
             mount = self._mounted.pop()
-            done = subprocess.run(["fusermount", "-u", str(mount)], capture_output=True)
+            done = subprocess.run([FUSERMOUNT, "-u", str(mount)], capture_output=True)
             if done.returncode != 0:
-                subprocess.run(["fusermount", "-u", "-z", str(mount)], capture_output=True)
+                subprocess.run([FUSERMOUNT, "-u", "-z", str(mount)], capture_output=True)
 
 
 _HOLD_LOCK = """
