@@ -276,8 +276,10 @@ class Host:
             str(self.workers),
             *self.args,
         ]
+        # Not the caller's directory: the workers run ``python -m``, which puts the working
+        # directory first on sys.path, and a source tree there would shadow the code chosen.
         self.process = process = subprocess.Popen(
-            command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.logs
         )
 
         def ready() -> bool:
