@@ -4,8 +4,9 @@ Not a test: run it by hand on a quiet machine, and copy the table it prints into
 docs/shared-filesystems.md ("What it costs"). Needs what tests/test_multihost.py needs
 (root or /dev/fuse access, bindfs, haproxy):
 
-    python bench/patch_bench.py --baseline d2e93ac   # full run, with the lock-based code of d2e93ac
+    python bench/patch_bench.py --baseline 7f44d47   # full run; 7f44d47: the lock-based code
     python bench/patch_bench.py --quick              # a few seconds per row: does it work?
+    python bench/patch_bench.py --baseline main --code commit   # two revisions, before a merge
 
 Each row starts fresh servers (``--workers`` processes per host) behind haproxy
 (contrib/multihost/haproxy.cfg, round-robin) on a fresh dataset whose annotation files each
@@ -15,8 +16,9 @@ to haproxy, PATCH existing records (so the files keep their size) of ``--files``
 
 * ``1 host, <rev> (lock-based)``: the code of git revision ``--baseline`` (exported from this
   repository with ``git archive``), one host on one bindfs mount: the cost before;
-* ``1 host``, ``2 hosts``: this tree's code on one bindfs mount, or on two mounts of one
-  directory (two "hosts" whose locks are not shared, as in tests/test_multihost.py);
+* ``1 host``, ``2 hosts``: this tree's code (or revision ``--code``) on one bindfs mount, or
+  on two mounts of one directory (two "hosts" whose locks are not shared, as in
+  tests/test_multihost.py);
 * ``1 host, local directory``: this tree's code without FUSE, to tell bindfs's own cost
   (a single-threaded FUSE daemon per mount) from the server's.
 
@@ -196,6 +198,9 @@ def main() -> None:
     parser.add_argument(
         "--baseline", metavar="REV", help="also measure the code of this git revision, 1 host"
     )
+    parser.add_argument(
+        "--code", metavar="REV", help="measure this git revision instead of the working tree"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.warmup, args.clients, args.records = 2.0, 0.5, 4, 200
@@ -210,10 +215,13 @@ def main() -> None:
         if args.baseline:
             old = export(args.baseline, work / "baseline-code")
             plan.append((f"1 host, {args.baseline} (lock-based)", old, 1, True))
+        code, label = REPO, ""
+        if args.code:
+            code, label = export(args.code, work / "code"), f", {args.code}"
         plan += [
-            ("1 host", REPO, 1, True),
-            ("2 hosts", REPO, 2, True),
-            ("1 host, local directory", REPO, 1, False),
+            (f"1 host{label}", code, 1, True),
+            (f"2 hosts{label}", code, 2, True),
+            (f"1 host, local directory{label}", code, 1, False),
         ]
         for number, (name, code, hosts, fuse) in enumerate(plan):
             print(f"running: {name}", file=sys.stderr, flush=True)
