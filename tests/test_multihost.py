@@ -38,6 +38,9 @@ import json
 import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -62,9 +65,14 @@ from bench.multihost_setup import (
 )
 
 MISSING = missing_tools()
-pytestmark = pytest.mark.skipif(
+needs_bindfs = pytest.mark.skipif(
     MISSING is not None and not os.environ.get("CI"), reason=MISSING or ""
 )
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+#: The commit protocol (issue 15) lands with its page; before it, the lock-based writes lose
+#: acknowledged writes here, which the test shows as an expected failure.
+COMMIT_PROTOCOL = (REPO / "docs" / "commit-protocol.md").exists()
 
 KEEP_VERSIONS = 6
 VERSION_SLACK = 2
@@ -394,10 +402,16 @@ class Clients:
 
 
 def retries_counted(text: str) -> float | None:
-    """The sum of the server's retry counters in a ``/metrics`` text (None: it has none)."""
+    """The sum of the server's retry counters in a ``/metrics`` text (None: it has none).
+
+    Any ``neurotrale_*`` sample whose name says retries, lost races or conflicts, such as
+    ``neurotrale_annotation_commit_retries_total``.
+    """
     total = None
     for line in text.splitlines():
-        match = re.match(r"(neurotrale_\w*retr\w*?)(?:\{[^}]*\})? (\S+)$", line)
+        match = re.match(
+            r"(neurotrale_\w*(?:retr|lost_race|conflict)\w*?)(?:\{[^}]*\})? (\S+)$", line
+        )
         if match and not match.group(1).endswith("_created"):
             total = (total or 0.0) + float(match.group(2))
     return total
@@ -434,6 +448,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         shared.unmount()
 
 
+@needs_bindfs
 def test_the_mounts_do_not_share_locks(tmp_path: Path) -> None:
     """The setting is the hard one: a lock through one mount does not block the other."""
     if MISSING is not None:
@@ -545,6 +560,12 @@ def check_versions(ledger: Ledger, host: Host) -> tuple[int, list[str]]:
     return most, problems
 
 
+@needs_bindfs
+@pytest.mark.xfail(
+    not COMMIT_PROTOCOL,
+    reason="lock-based writes lose acknowledged writes where locks are local (issue 15)",
+    strict=True,
+)
 def test_two_hosts_lose_nothing_under_concurrency_and_kill_storms(cluster: Cluster) -> None:
     hosts, proxy = cluster.hosts, cluster.proxy
     # The hard setting, proved on these very mounts: each host's locks are its own.
@@ -638,3 +659,49 @@ def test_two_hosts_lose_nothing_under_concurrency_and_kill_storms(cluster: Clust
     assert ledger.acknowledged >= 100, details
     assert all(ledger.acknowledged_by_host[f"host-{h}"] >= 20 for h in "ab"), details
     assert kills["parent"] >= 2 and kills["worker"] >= 3, details
+
+
+@pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None and not os.environ.get("CI"),
+    reason="systemd-analyze is not installed (apt-get install systemd)",
+)
+def test_the_systemd_drop_in_verifies(tmp_path: Path) -> None:
+    """contrib/multihost/neurotrale-shared.conf over contrib/systemd's units: no complaint."""
+    assert SYSTEMD_ANALYZE, "systemd-analyze is missing (apt-get install systemd)"
+    twistd = str(Path(sys.executable).parent / "twistd")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    units = REPO / "contrib" / "systemd"
+    for name in ("neurotrale.service", "neurotrale.socket"):
+        text = (units / name).read_text().replace("/opt/neurotrale/venv/bin/twistd", twistd)
+        (tmp_path / name).write_text(text)
+    drop_in = tmp_path / "neurotrale.service.d"
+    drop_in.mkdir()
+    text = (REPO / "contrib" / "multihost" / "neurotrale-shared.conf").read_text()
+    text = text.replace("/opt/neurotrale/venv/bin/twistd", twistd)
+    (drop_in / "shared.conf").write_text(text.replace("/shared/neurotrale", str(shared)))
+    result = subprocess.run(
+        [
+            SYSTEMD_ANALYZE,
+            "verify",
+            str(tmp_path / "neurotrale.socket"),
+            str(tmp_path / "neurotrale.service"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    # The drop-in is read: a broken copy of it is reported.
+    (drop_in / "shared.conf").write_text(text + "not a setting\n")
+    broken = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(tmp_path / "neurotrale.service")],
+        capture_output=True,
+        text=True,
+    )
+    assert "shared.conf" in broken.stdout + broken.stderr
+    settings = [line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"]
+    exec_start = [value for key, value in settings if key == "ExecStart"]
+    assert exec_start[0] == "" and "--path /shared/neurotrale" in exec_start[1]
+    assert "--trust-proxy" in exec_start[1]
+    assert ("RequiresMountsFor", "/shared/neurotrale") in [tuple(kv) for kv in settings]
+    assert ("ReadWritePaths", "/shared/neurotrale") in [tuple(kv) for kv in settings]
