@@ -29,7 +29,7 @@ from .cache import LruCache
 from .encoding import encode_body
 from .errors import NotFound, ServerError
 from .paths import DataRoot
-from .rootfs import Directory, OpenedFile
+from .rootfs import Directory, Follow, OpenedFile
 
 #: A chunk name. ASCII digits only: ``\d`` would match other scripts' digits, which ``int``
 #: reads as the same number, so ``\u0660-64_...`` would be an alias of ``0-64_...``.
@@ -112,7 +112,7 @@ class InfoCache:
         self._entries: LruCache[dict[str, object]] = LruCache(4096)
 
     def read(
-        self, dataset: Directory, follow: bool = False, label: str = "info"
+        self, dataset: Directory, follow: Follow = False, label: str = "info"
     ) -> dict[str, object]:
         """The ``info`` of the open ``dataset`` directory, as a dict; :class:`NotFound` when none.
 
@@ -159,7 +159,7 @@ def scale_format(info: dict[str, object], key: str, label: str = "info") -> Scal
 
 
 def open_chunk_file(
-    scale_dir: Directory, name: ChunkName, follow: bool = False
+    scale_dir: Directory, name: ChunkName, follow: Follow = False
 ) -> tuple[str, OpenedFile]:
     """The file name and the open TIFF file of chunk ``name``; :class:`NotFound` when none.
 
@@ -366,7 +366,7 @@ class ChunkSource:
         scale or chunk, and :class:`ServerError` for a file that does not fit ``info``.
         """
         fs = self.root.fs
-        follow = fs.follow_symlinks
+        follow = fs.read_follow
         with fs.open_dir(dataset) as directory:
             where = os.path.join(fs.path, directory.relative)
             info = os.path.join(where, "info")

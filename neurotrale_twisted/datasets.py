@@ -22,7 +22,7 @@ def find_datasets(root: DataRoot, max_depth: int = MAX_DEPTH) -> list[str]:
 
     def walk(directory: Directory, depth: int) -> None:
         try:
-            entries = sorted(directory.readable_entries(follow=fs.follow_symlinks))
+            entries = sorted(directory.readable_entries(follow=fs.read_follow))
         except OSError:
             return
         if directory.relative and ("info", False) in entries:
@@ -34,7 +34,7 @@ def find_datasets(root: DataRoot, max_depth: int = MAX_DEPTH) -> list[str]:
             if not is_dir:
                 continue
             try:
-                child = directory.subdir(name, follow=fs.follow_symlinks)
+                child = directory.subdir(name, follow=fs.read_follow)
             except (NotFound, OSError):
                 continue
             with child:

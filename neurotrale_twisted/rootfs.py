@@ -32,7 +32,7 @@ import stat
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from .errors import NotFound
 
@@ -42,6 +42,15 @@ _NOFOLLOW = os.O_NOFOLLOW
 #: O_NOFOLLOW), a file (ENOTDIR), or gone (ENOENT).
 _NOT_A_DIRECTORY = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}
 _NOT_A_FILE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO}
+
+#: How links may be followed: ``False`` never (writes, locks, temporaries, versions),
+#: :data:`INSIDE` when what the link leads to, resolved step by step from the root's handle,
+#: stays inside the root (reads, by default), ``True`` anywhere (reads under the operator's
+#: ``--follow-symlinks``).
+INSIDE: Literal["inside"] = "inside"
+Follow = bool | Literal["inside"]
+#: The most links one lookup passes through (Linux's own limit), so that a loop ends.
+MAX_LINK_HOPS = 40
 
 #: A prefix of every temporary name, so that a clean-up can find them (they are dot-names:
 #: never listed, never served).
@@ -97,9 +106,11 @@ class Directory:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, fd: int, relative: str) -> None:
+    def __init__(self, fd: int, relative: str, fs: RootFS | None = None) -> None:
         self.fd = fd
         self.relative = relative
+        #: The root this handle was walked from: what resolves a link inside the root.
+        self.fs = fs
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -126,29 +137,33 @@ class Directory:
 
     # -- walking ----------------------------------------------------------------------------
 
-    def subdir(self, name: str, *, follow: bool = False) -> Directory:
+    def subdir(self, name: str, *, follow: Follow = False) -> Directory:
         """The subdirectory ``name``, opened without following a link unless ``follow``.
 
-        Raises :class:`NotFound` when it is missing, a link (unless ``follow``) or not a
-        directory.
+        Raises :class:`NotFound` when it is missing, a link that ``follow`` does not allow
+        (see :data:`Follow`) or not a directory.
         """
         _check_name(name)
-        flags = _DIR_FLAGS | (0 if follow else _NOFOLLOW)
+        flags = _DIR_FLAGS | (0 if follow is True else _NOFOLLOW)
         try:
             fd = os.open(name, flags, dir_fd=self.fd)
         except OSError as e:
             if e.errno in _NOT_A_DIRECTORY:
+                if follow == INSIDE and self._is_link(name):
+                    parent, final = self._inside_target(name)
+                    with parent:
+                        return parent.subdir(final)
                 raise NotFound(f"{self.child_path(name)} is not a directory") from None
             raise
-        return Directory(fd, self.child_path(name))
+        return Directory(fd, self.child_path(name), self.fs)
 
-    def walk(self, names: Iterable[str], *, follow: bool = False) -> Directory:
+    def walk(self, names: Iterable[str], *, follow: Follow = False) -> Directory:
         """The directory reached through ``names`` from here, each opened as :meth:`subdir`.
 
         Returns a new handle (this one stays open); raises :class:`NotFound` as
         :meth:`subdir` does.
         """
-        current = Directory(os.dup(self.fd), self.relative)
+        current = Directory(os.dup(self.fd), self.relative, self.fs)
         for name in names:
             try:
                 nxt = current.subdir(name, follow=follow)
@@ -170,44 +185,39 @@ class Directory:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def open_file(self, name: str, *, follow: bool = False) -> OpenedFile:
-        """Open regular file ``name`` for reading, never through a link unless ``follow``.
+    def open_file(self, name: str, *, follow: Follow = False) -> OpenedFile:
+        """Open regular file ``name`` for reading, following a link only as ``follow`` allows.
 
-        Raises :class:`NotFound` for a missing name, a link (unless ``follow``), a
-        directory, or anything that is not a regular file (FIFO, socket, device: opened
+        Raises :class:`NotFound` for a missing name, a link that ``follow`` does not allow,
+        a directory, or anything that is not a regular file (FIFO, socket, device: opened
         with ``O_NONBLOCK`` so they never block).
         """
-        _check_name(name)
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else _NOFOLLOW)
-        try:
-            fd = os.open(name, flags, dir_fd=self.fd)
-        except OSError as e:
-            if e.errno in _NOT_A_FILE:
-                raise NotFound(f"{self.child_path(name)} does not exist") from None
-            raise
-        try:
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
-                raise NotFound(f"{self.child_path(name)} is not a regular file")
-            return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)  # type: ignore[arg-type]
-        except BaseException:
-            os.close(fd)
-            raise
+        found = self.open_entry(name, follow=follow)
+        if isinstance(found, Directory):
+            found.close()
+            raise NotFound(f"{self.child_path(name)} is a directory")
+        return found
 
-    def open_entry(self, name: str, *, follow: bool = False) -> Directory | OpenedFile:
+    def open_entry(self, name: str, *, follow: Follow = False) -> Directory | OpenedFile:
         """Open ``name`` if it is a directory or a regular file, and tell which by what it is.
 
         For a file server, which lists the one and serves the other: a single open, and the
         status of what was opened decides, so a name swapped between the two meanwhile cannot
-        be mistaken. A link is not followed unless ``follow``. Raises :class:`NotFound` for a
-        missing name, a link that may not be followed, and anything else (a FIFO, socket or
-        device is not even opened, and would be opened with ``O_NONBLOCK``).
+        be mistaken. A link is followed only as ``follow`` allows. Raises :class:`NotFound`
+        for a missing name, a link that may not be followed, and anything else (a FIFO, socket
+        or device is not even opened, and would be opened with ``O_NONBLOCK``).
         """
         _check_name(name)
-        before = self.stat(name, follow=follow)
+        before = self.lstat(name) if follow is not True else self.stat(name, follow=True)
+        if before is not None and stat.S_ISLNK(before.st_mode):
+            if follow != INSIDE:
+                raise NotFound(f"{self.child_path(name)} is a link")
+            parent, final = self._inside_target(name)
+            with parent:
+                return parent.open_entry(final)
         if before is None or not (stat.S_ISDIR(before.st_mode) or stat.S_ISREG(before.st_mode)):
             raise NotFound(f"{self.child_path(name)} is not a file or directory")
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else _NOFOLLOW)
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow is True else _NOFOLLOW)
         try:
             fd = os.open(name, flags, dir_fd=self.fd)
         except OSError as e:
@@ -217,7 +227,7 @@ class Directory:
         try:
             status = os.fstat(fd)
             if stat.S_ISDIR(status.st_mode):
-                return Directory(fd, self.child_path(name))
+                return Directory(fd, self.child_path(name), self.fs)
             if not stat.S_ISREG(status.st_mode):
                 raise NotFound(f"{self.child_path(name)} is not a regular file")
             return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)  # type: ignore[arg-type]
@@ -225,7 +235,7 @@ class Directory:
             os.close(fd)
             raise
 
-    def read_file(self, name: str, *, follow: bool = False) -> tuple[bytes, os.stat_result]:
+    def read_file(self, name: str, *, follow: Follow = False) -> tuple[bytes, os.stat_result]:
         """The content and status of regular file ``name`` (see :meth:`open_file`)."""
         with self.open_file(name, follow=follow) as opened:
             return opened.read_all(), opened.status
@@ -238,15 +248,84 @@ class Directory:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def stat(self, name: str, *, follow: bool = False) -> os.stat_result | None:
-        """The status of ``name``, following a link only when ``follow``; None when missing."""
-        if not follow:
+    def stat(self, name: str, *, follow: Follow = False) -> os.stat_result | None:
+        """The status of ``name``, through a link only as ``follow`` allows; None when missing
+        (or a link that may not be followed, or leads nowhere)."""
+        if follow is False:
             return self.lstat(name)
         _check_name(name)
+        if follow == INSIDE:
+            status = self.lstat(name)
+            if status is None or not stat.S_ISLNK(status.st_mode):
+                return status
+            try:
+                parent, final = self._inside_target(name)
+            except (NotFound, OSError):
+                return None
+            with parent:
+                return parent.lstat(final)
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=True)
-        except (FileNotFoundError, NotADirectoryError, OSError):
+        except OSError:
             return None
+
+    def _is_link(self, name: str) -> bool:
+        status = self.lstat(name)
+        return status is not None and stat.S_ISLNK(status.st_mode)
+
+    def _inside_target(self, name: str) -> tuple[Directory, str]:
+        """Where link ``name`` here leads, resolved inside the root: the open directory that
+        holds the final name, and that name (which was not a link when it was looked at).
+
+        Each step is taken from the root's handle without following anything, and each link
+        met is read and expanded in place (as the kernel would, ``..`` after it included), so
+        whatever the names are changed to meanwhile, the result is inside the root. Raises
+        :class:`NotFound` for a link that leaves the root (an absolute target outside it, or
+        ``..`` above it), leads nowhere, passes through more than :data:`MAX_LINK_HOPS` links,
+        or leads to the root itself.
+        """
+        fs = self.fs
+        if fs is None:
+            raise NotFound(f"{self.child_path(name)} is a link")
+        resolved = [part for part in self.relative.split("/") if part]
+        pending = [name]
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not resolved:
+                    raise NotFound(f"{self.child_path(name)} leads out of the root")
+                resolved.pop()
+                continue
+            with fs.root() as top, top.walk(resolved) as here:
+                status = here.lstat(part)
+                if status is not None and stat.S_ISLNK(status.st_mode):
+                    hops += 1
+                    if hops > MAX_LINK_HOPS:
+                        raise NotFound(f"{self.child_path(name)} passes through too many links")
+                    try:
+                        target = os.readlink(part, dir_fd=here.fd)
+                    except OSError as e:
+                        # Changed since it was looked at: as if it were missing.
+                        if e.errno in (errno.EINVAL, *_NOT_A_FILE):
+                            raise NotFound(f"{self.child_path(name)} does not exist") from None
+                        raise
+                    if target.startswith("/"):
+                        inside = _inside_of(target, fs.path)
+                        if inside is None:
+                            raise NotFound(f"{self.child_path(name)} leads out of the root")
+                        resolved = []
+                        pending = inside + pending
+                    else:
+                        pending = target.split("/") + pending
+                    continue
+            resolved.append(part)
+        if not resolved:
+            raise NotFound(f"{self.child_path(name)} leads to the root")
+        with fs.root() as top:
+            return top.walk(resolved[:-1]), resolved[-1]
 
     def is_file(self, name: str) -> bool:
         """Whether ``name`` is a regular file here (a link is not one)."""
@@ -263,7 +342,7 @@ class Directory:
         with os.scandir(self.fd) as scan:
             yield from scan
 
-    def readable_entries(self, *, follow: bool = False) -> Iterator[tuple[str, bool]]:
+    def readable_entries(self, *, follow: Follow = False) -> Iterator[tuple[str, bool]]:
         """``(name, is_directory)`` of each directory and regular file here that reads may reach.
 
         For listings and the dataset index. Left out: dot-names (history, locks,
@@ -277,7 +356,14 @@ class Directory:
                 if entry.is_symlink():
                     if not follow:
                         continue
-                    is_dir, is_file = entry.is_dir(), entry.is_file()
+                    if follow == INSIDE:
+                        target = self.stat(entry.name, follow=INSIDE)
+                        if target is None:
+                            continue
+                        is_dir = stat.S_ISDIR(target.st_mode)
+                        is_file = stat.S_ISREG(target.st_mode)
+                    else:
+                        is_dir, is_file = entry.is_dir(), entry.is_file()
                 else:
                     is_dir = entry.is_dir(follow_symlinks=False)
                     is_file = entry.is_file(follow_symlinks=False)
@@ -433,9 +519,14 @@ class RootFS:
             current.st_ino,
         )
 
+    @property
+    def read_follow(self) -> Follow:
+        """How reads follow links: anywhere under ``--follow-symlinks``, else inside the root."""
+        return True if self.follow_symlinks else INSIDE
+
     def root(self) -> Directory:
         """A new handle of the root directory itself."""
-        return Directory(os.dup(self._fd), "")
+        return Directory(os.dup(self._fd), "", self)
 
     def open_dir(self, names: Iterable[str], *, for_write: bool = False) -> Directory:
         """The directory that ``names`` (already validated path segments) lead to.
@@ -444,7 +535,7 @@ class RootFS:
         Raises :class:`NotFound` when a component is missing, not a directory, or a link
         that may not be followed.
         """
-        follow = self.follow_symlinks and not for_write
+        follow = False if for_write else self.read_follow
         with self.root() as top:
             return top.walk(names, follow=follow)
 
@@ -453,10 +544,20 @@ class RootFS:
         if not names:
             raise NotFound("not a file")
         with self.open_dir(names[:-1]) as directory:
-            return directory.open_file(names[-1], follow=self.follow_symlinks)
+            return directory.open_file(names[-1], follow=self.read_follow)
 
 
 def _check_name(name: str) -> None:
     """Refuse a name that is not one plain component (a bug in the caller, not the client)."""
     if not name or name in (".", "..") or "/" in name or "\x00" in name:
         raise ValueError(f"not a plain file name: {name!r}")
+
+
+def _inside_of(target: str, root: str) -> list[str] | None:
+    """The components of absolute path ``target`` below ``root``, or None when not below it."""
+    if target == root:
+        return []
+    prefix = root.rstrip("/") + "/"
+    if not target.startswith(prefix):
+        return None
+    return target[len(prefix) :].split("/")

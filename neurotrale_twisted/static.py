@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import Forbidden
-from .rootfs import Directory, OpenedFile, RootFS
+from .rootfs import Directory, Follow, OpenedFile, RootFS
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,18 @@ def find_static(fs: RootFS, segments: list[str]) -> OpenedFile | Listing:
     try:
         if not segments:
             with fs.root() as top:
-                return _listing(top, fs.follow_symlinks)
+                return _listing(top, fs.read_follow)
         with fs.open_dir(segments[:-1]) as parent:
-            found = parent.open_entry(segments[-1], follow=fs.follow_symlinks)
+            found = parent.open_entry(segments[-1], follow=fs.read_follow)
         if isinstance(found, Directory):
             with found:
-                return _listing(found, fs.follow_symlinks)
+                return _listing(found, fs.read_follow)
         return found
     except PermissionError:
         raise Forbidden("forbidden") from None
 
 
-def _listing(directory: Directory, follow: bool) -> Listing:
+def _listing(directory: Directory, follow: Follow) -> Listing:
     names = []
     for name, is_dir in sorted(directory.readable_entries(follow=follow)):
         size = 0

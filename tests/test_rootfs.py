@@ -157,3 +157,51 @@ def test_link_is_exclusive(layout: tuple[Path, Path]) -> None:
         with brain.make_subdir("sub") as sub:
             brain.rename(second, "2.json", sub)
             assert sub.read_file("2.json")[0] == b"2"
+
+
+def test_reads_follow_a_link_that_stays_inside_the_root(layout: tuple[Path, Path]) -> None:
+    root, _ = layout
+    (root / "brain" / "notes.txt").write_text("inside")
+    # A relative link, an absolute one, one through another link, and one with ``..``.
+    (root / "alias").symlink_to("brain")
+    (root / "absolute").symlink_to(root / "brain")
+    (root / "brain" / "again").symlink_to("../alias/notes.txt")
+    (root / "lab").mkdir()
+    (root / "lab" / "brain").symlink_to("../alias")
+    fs = RootFS(root)
+    with fs.open_file(["alias", "notes.txt"]) as opened:
+        assert opened.read_all() == b"inside"
+    with fs.open_file(["absolute", "again"]) as opened:
+        assert opened.read_all() == b"inside"
+    with fs.open_dir(["lab", "brain"]) as brain:
+        assert brain.read_file("info", follow=fs.read_follow)[0] == b"{}"
+        assert sorted(brain.readable_entries(follow=fs.read_follow)) == [
+            ("again", False),
+            ("annotations", True),
+            ("info", False),
+            ("notes.txt", False),
+        ]
+    # Never for writes.
+    with pytest.raises(NotFound):
+        fs.open_dir(["alias"], for_write=True)
+
+
+def test_links_that_leave_the_root_loop_or_dangle_are_not_found(
+    layout: tuple[Path, Path],
+) -> None:
+    root, outside = layout
+    (root / "up").symlink_to("../outside")
+    (root / "brain" / "upup").symlink_to("../../outside/secret")
+    (root / "abs").symlink_to(outside / "secret")
+    (root / "loop").symlink_to("loop2")
+    (root / "loop2").symlink_to("loop")
+    (root / "dangling").symlink_to("nothing")
+    (root / "self").symlink_to(".")
+    fs = RootFS(root)
+    for names in (["up", "secret"], ["brain", "upup"], ["abs"], ["loop"], ["dangling"]):
+        with pytest.raises(NotFound):
+            fs.open_file(names)
+    with pytest.raises(NotFound):
+        fs.open_dir(["self"])
+    with fs.root() as top:
+        assert sorted(top.readable_entries(follow=fs.read_follow)) == [("brain", True)]
