@@ -308,6 +308,9 @@ def test_dockerfile_keeps_the_contract() -> None:
     user = re.findall(r"^USER (.+)$", text, re.M)
     assert user and user[-1] not in ("root", "0", "0:0")
     assert "getPlugins(IPlugin)" in text  # the plugin cache is written at build time
+    # Another --build-arg UID must not install everything again: the user comes last.
+    assert text.index("ARG UID") > text.rindex("pip install")
+    assert (REPO / ".dockerignore").exists()
     for source in re.findall(r"^COPY (?:--\S+ )*(\S+) ", text, re.M):
         assert (REPO / source).exists(), source
 
