@@ -214,7 +214,7 @@ def test_the_healthcheck_reaches_a_server_on_a_unix_socket_only(
     healthcheck = load_healthcheck()
     cmdline = f"/proc/{process.pid}/cmdline"
     try:
-        assert healthcheck.probe(healthcheck.server_arguments(cmdline)) == (
+        assert healthcheck.probe(healthcheck.read_arguments(cmdline) or []) == (
             "unix",
             str(socket_path),
             0,
@@ -238,7 +238,7 @@ def test_the_healthcheck_reaches_a_server_on_tls_only(demo_root: Path, tmp_path:
     healthcheck = load_healthcheck()
     cmdline = f"/proc/{process.pid}/cmdline"
     try:
-        assert healthcheck.probe(healthcheck.server_arguments(cmdline)) == (
+        assert healthcheck.probe(healthcheck.read_arguments(cmdline) or []) == (
             "https",
             "127.0.0.1",
             port,
@@ -289,13 +289,38 @@ def test_healthcheck_finds_the_endpoint_on_the_servers_command_line(
     healthcheck = load_healthcheck()
     path = tmp_path / "cmdline"
     path.write_bytes(cmdline)
-    assert healthcheck.probe(healthcheck.server_arguments(str(path))) == probe
+    assert healthcheck.probe(healthcheck.read_arguments(str(path)) or []) == probe
 
 
 def test_healthcheck_without_a_command_line_asks_port_9000(tmp_path: Path) -> None:
     healthcheck = load_healthcheck()
-    assert healthcheck.server_arguments(str(tmp_path / "missing")) == []
+    assert healthcheck.read_arguments(str(tmp_path / "missing")) is None
+    assert healthcheck.server_arguments(str(tmp_path)) == []
     assert healthcheck.probe([]) == ("http", "127.0.0.1", 9000)
+
+
+def test_healthcheck_finds_the_server_under_an_init_process(tmp_path: Path) -> None:
+    # docker run --init: process 1 is the init, the entry point's server one of its children.
+    commands = {
+        1: b"/sbin/docker-init\0--\0/apps/entrypoint.sh\0--port\09100\0",
+        7: b"/usr/local/bin/python\0/usr/local/bin/twistd\0--nodaemon\0--pidfile=\0"
+        b"neurotrale\0--path\0/data\0--workers\0"
+        b"2\0--listen\0tcp:9100\0",
+        9: b"/usr/local/bin/python\0-c\0from neurotrale_twisted import workers\0",
+    }
+    for pid, command in commands.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(command)
+    (tmp_path / "self").mkdir()
+    healthcheck = load_healthcheck()
+    assert healthcheck.probe(healthcheck.server_arguments(str(tmp_path))) == (
+        "http",
+        "127.0.0.1",
+        9100,
+    )
+    # Without --init, process 1 is the server itself.
+    (tmp_path / "1" / "cmdline").write_bytes(b"twistd\0neurotrale\0--listen\0unix:/s\0")
+    assert healthcheck.probe(healthcheck.server_arguments(str(tmp_path))) == ("unix", "/s", 0)
 
 
 def test_dockerfile_keeps_the_contract() -> None:

@@ -105,20 +105,16 @@ def read_arguments(cmdline_path: str) -> list[str] | None:
         return None
 
 
-def server_arguments(cmdline_path: str = "/proc/1/cmdline") -> list[str]:
-    """The server's command line: ``cmdline_path``'s when it runs ``neurotrale`` (the entry
-    point execs the server as process 1), else that of the first process that does (under
-    ``--init``), else none."""
-    first = read_arguments(cmdline_path)
-    if first is not None and "neurotrale" in first:
-        return first
-    if cmdline_path == "/proc/1/cmdline":
-        pids = sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
-        for pid in pids:
-            arguments = read_arguments(f"/proc/{pid}/cmdline")
-            if arguments is not None and "neurotrale" in arguments:
-                return arguments
-    return first or []
+def server_arguments(proc: str = "/proc") -> list[str]:
+    """The server's command line: process 1's when it runs ``neurotrale`` (the entry point
+    execs the server), else that of the first process that does (under ``--init``), else
+    none."""
+    pids = sorted(int(entry) for entry in os.listdir(proc) if entry.isdigit())
+    for pid in sorted(pids, key=lambda pid: pid != 1):
+        arguments = read_arguments(f"{proc}/{pid}/cmdline")
+        if arguments is not None and "neurotrale" in arguments:
+            return arguments
+    return []
 
 
 def probe(arguments: list[str]) -> Probe:
@@ -181,9 +177,11 @@ def healthy(target: Probe) -> bool:
     return status == 200
 
 
-def main(cmdline_path: str = "/proc/1/cmdline") -> int:
-    """Ask the server's /healthz; 0 when healthy, 1 otherwise."""
-    return 0 if healthy(probe(server_arguments(cmdline_path))) else 1
+def main(cmdline_path: str | None = None) -> int:
+    """Ask the server's /healthz (the server's command line is in ``cmdline_path``, else found
+    in /proc); 0 when healthy, 1 otherwise."""
+    found = server_arguments() if cmdline_path is None else read_arguments(cmdline_path)
+    return 0 if healthy(probe(found or [])) else 1
 
 
 if __name__ == "__main__":
