@@ -12,7 +12,8 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import bcrypt
@@ -32,8 +33,11 @@ from .http import JsonErrorResource, error_response
 
 log = Logger()
 
-#: Methods that change files.
-WRITE_METHODS = frozenset({b"PUT", b"PATCH", b"DELETE", b"POST"})
+#: Methods that only read; every other method counts as a write (the policy fails closed).
+READ_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+#: URL paths (folded segments) answered without credentials even with ``--auth-reads``: the
+#: health check, which load balancers and container health checks call without any.
+PUBLIC_PATHS = frozenset({(b"healthz",)})
 #: bcrypt uses at most this many bytes of a password (and bcrypt 5 refuses longer ones).
 BCRYPT_MAX_PASSWORD = 72
 #: How long a verified password is trusted before bcrypt checks it again, in seconds.
@@ -78,6 +82,8 @@ class HtpasswdChecker:
         self._stamp: tuple[int, int] | None = None
         self._entries: dict[bytes, bytes] = {}
         self._verified: dict[bytes, float] = {}
+        #: What an unknown user's password is checked against (see :func:`dummy_hash`).
+        self._dummy = b""
         self._lock = threading.Lock()
         self._entries_now()  # a missing or unreadable file stops the server at start-up
 
@@ -86,6 +92,7 @@ class HtpasswdChecker:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._entries = read_htpasswd(self.path)
+            self._dummy = dummy_hash(self._entries.values())
             self._stamp = stamp
             self._verified.clear()
         return self._entries
@@ -97,9 +104,12 @@ class HtpasswdChecker:
         except OSError as e:
             log.error("cannot read {path}: {e}", path=self.path, e=e)
             return fail(error.UnauthorizedLogin())
-        if stored is None:
-            return fail(error.UnauthorizedLogin())
         password: bytes = creds.password
+        if len(password) > BCRYPT_MAX_PASSWORD:
+            return fail(error.UnauthorizedLogin())  # bcrypt refuses them; no entry can match
+        if stored is None:
+            # As slow as a wrong password, so that timing does not tell which users exist.
+            return self._run_in_thread(_refuse_after_bcrypt, password, self._dummy)
         key = hashlib.sha256(creds.username + b"\0" + password + b"\0" + stored).digest()
         now = self._clock.monotonic()
         with self._lock:
@@ -113,9 +123,28 @@ class HtpasswdChecker:
                 self._verified[key] = self._clock.monotonic() + VERIFIED_FOR
             return bytes(creds.username)
 
-        if len(password) > BCRYPT_MAX_PASSWORD:
-            return fail(error.UnauthorizedLogin())  # bcrypt refuses them; no entry can match
         return self._run_in_thread(_bcrypt_matches, password, stored).addCallback(verified)
+
+
+def dummy_hash(entries: Iterable[bytes]) -> bytes:
+    """A bcrypt hash no password matches, of the cost most ``entries`` have (12 if none).
+
+    Checking it costs what checking a real entry costs, and making it costs nothing: a fresh
+    salt and a digest that no hash of that salt has.
+    """
+    costs = Counter(
+        int(parts[2])
+        for parts in (hashed.split(b"$") for hashed in entries)
+        if len(parts) > 2 and parts[2].isdigit() and 4 <= int(parts[2]) <= 31
+    )
+    cost = costs.most_common(1)[0][0] if costs else 12
+    return bytes(bcrypt.gensalt(cost)) + b"." * 31
+
+
+def _refuse_after_bcrypt(password: bytes, dummy: bytes) -> bytes:
+    """Check ``password`` against ``dummy`` (in a pool thread) for its cost, then refuse."""
+    _bcrypt_matches(password, dummy)
+    raise error.UnauthorizedLogin()
 
 
 def _bcrypt_matches(password: bytes, stored: bytes) -> bool:
@@ -146,7 +175,9 @@ class WritePolicy:
 
     With credentials required (``portal`` given), writes (and reads too when
     ``auth_reads``) must carry HTTP Basic credentials that the portal accepts; the others
-    get a JSON 401 with a ``WWW-Authenticate`` challenge. Preflights never need them.
+    get a JSON 401 with a ``WWW-Authenticate`` challenge. Preflights and the reads of
+    :data:`PUBLIC_PATHS` never need them. Any method but ``GET``, ``HEAD`` and ``OPTIONS``
+    is a write; the site's root has already refused every method that is not an exact token.
     """
 
     realm_name = b"neurotrale"
@@ -161,10 +192,11 @@ class WritePolicy:
 
     def render(self, request: IRequest, routes: IResource) -> Any:
         """Render ``request`` through ``routes`` if the policy lets it through."""
-        writing = request.method in WRITE_METHODS
+        writing = request.method not in READ_METHODS
         if writing and self.read_only:
             return error_response(request, 403, "this server is read-only")
-        if self.portal is None or not (writing or self.auth_reads):
+        public = not writing and tuple(request.postpath) in PUBLIC_PATHS  # type: ignore[attr-defined]
+        if self.portal is None or public or not (writing or self.auth_reads):
             return routes.render(request)
         header = request.getHeader(b"authorization") or b""
         scheme, _, response = header.partition(b" ")

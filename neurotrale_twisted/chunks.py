@@ -4,21 +4,23 @@ A chunk ``x0-x1_y0-y1_z0-z1`` of scale ``key`` lives in ``{dataset}/{key}/x0-x1_
 (``.tif`` too). Clients want its voxels as little-endian bytes, x fastest, then y, z and
 channel; the body must be exactly ``(x1-x0)*(y1-y0)*(z1-z0)*num_channels*itemsize`` bytes, so
 a TIFF that disagrees with its name or with ``info`` is a :class:`ServerError` naming the file.
-Pure Python: no Twisted here; the web layer runs these functions on a thread pool.
+Every file is reached and read through :mod:`rootfs` (a dataset directory walked from the
+root, then its ``info`` and the chunk's file opened there, and only that open file read), so
+the file that was checked is the file that is decoded. Pure Python: no Twisted here; the web
+layer runs these functions on a thread pool.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import numpy as np
 import tifffile
@@ -27,9 +29,12 @@ from .cache import LruCache
 from .encoding import encode_body
 from .errors import NotFound, ServerError
 from .paths import DataRoot
+from .rootfs import Directory, Follow, OpenedFile
 
-CHUNK_PATTERN = r"\d+-\d+_\d+-\d+_\d+-\d+(?:\.tiff?)?"
-_CHUNK_NAME = re.compile(r"^(\d+)-(\d+)_(\d+)-(\d+)_(\d+)-(\d+)(?:\.tiff?)?$")
+#: A chunk name. ASCII digits only: ``\d`` would match other scripts' digits, which ``int``
+#: reads as the same number, so ``\u0660-64_...`` would be an alias of ``0-64_...``.
+CHUNK_PATTERN = r"[0-9]+-[0-9]+_[0-9]+-[0-9]+_[0-9]+-[0-9]+(?:\.tiff?)?"
+_CHUNK_NAME = re.compile(r"([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)(?:\.tiff?)?")
 #: Extensions tried, in order, for the file of a chunk.
 CHUNK_EXTENSIONS = (".tiff", ".tif")
 
@@ -51,7 +56,7 @@ class ChunkName:
 
         An empty or inverted box is not a chunk name either.
         """
-        match = _CHUNK_NAME.match(name)
+        match = _CHUNK_NAME.fullmatch(name)
         if match is None:
             return None
         x0, x1, y0, y1, z0, z1 = (int(g) for g in match.groups())
@@ -101,40 +106,45 @@ class RawLayout:
 
 
 class InfoCache:
-    """Parsed ``info`` files, re-read whenever the file's mtime or size changes."""
+    """Parsed ``info`` files, by the identity and version of the file (re-read when it changes)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[Path, tuple[tuple[int, int], dict[str, object]]] = {}
+        self._entries: LruCache[dict[str, object]] = LruCache(4096)
 
-    def read(self, dataset: Path) -> dict[str, object]:
-        """The dataset's ``info`` as a dict; :class:`NotFound` when there is none.
+    def read(
+        self, dataset: Directory, follow: Follow = False, label: str = "info"
+    ) -> dict[str, object]:
+        """The ``info`` of the open ``dataset`` directory, as a dict; :class:`NotFound` when none.
 
-        Raises :class:`ServerError` when it is not valid JSON.
+        It is opened as :meth:`Directory.open_file` does (a link only when ``follow``).
+        Raises :class:`ServerError`, naming ``label`` (its path, for the operator), when it
+        is not a JSON object.
         """
-        path = dataset / "info"
         try:
-            st = path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"no dataset with an info file at {dataset.name!r}") from None
-        stamp = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            entry = self._entries.get(path)
-        if entry is not None and entry[0] == stamp:
-            return entry[1]
-        try:
-            info = json.loads(path.read_bytes())
-        except (OSError, ValueError) as e:
-            raise ServerError(f"cannot read {path}: {e}") from e
+            opened = dataset.open_file("info", follow=follow)
+        except NotFound:
+            where = dataset.relative or "/"
+            raise NotFound(f"no dataset with an info file at {where!r}") from None
+        with opened:
+            version = file_version(opened.status)
+            cached = self._entries.get(version)
+            if cached is not None:
+                return cached
+            try:
+                info = json.loads(opened.read_all())
+            except (OSError, ValueError) as e:
+                raise ServerError(f"cannot read {label}: {e}") from e
         if not isinstance(info, dict):
-            raise ServerError(f"{path} is not a JSON object")
-        with self._lock:
-            self._entries[path] = (stamp, info)
+            raise ServerError(f"{label} is not a JSON object")
+        self._entries.put(version, info)
         return info
 
 
-def scale_format(info: dict[str, object], key: str, dataset: Path) -> ScaleFormat:
-    """The format of scale ``key``; :class:`NotFound` if ``info`` has no such scale."""
+def scale_format(info: dict[str, object], key: str, label: str = "info") -> ScaleFormat:
+    """The format of scale ``key``; :class:`NotFound` if ``info`` has no such scale.
+
+    Raises :class:`ServerError` naming ``label`` (the info file's path) when it is unusable.
+    """
     scales = info.get("scales")
     if not isinstance(scales, list) or not any(
         isinstance(s, dict) and s.get("key") == key for s in scales
@@ -144,18 +154,60 @@ def scale_format(info: dict[str, object], key: str, dataset: Path) -> ScaleForma
         dtype = np.dtype(str(info["data_type"]))
         channels = int(info.get("num_channels", 1))  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError) as e:
-        raise ServerError(f"{dataset / 'info'}: bad data_type or num_channels: {e}") from e
+        raise ServerError(f"{label}: bad data_type or num_channels: {e}") from e
     return ScaleFormat(key, dtype, channels)
 
 
-def find_chunk_file(root: DataRoot, scale_dir: Path, name: ChunkName) -> Path:
-    """The TIFF file holding chunk ``name``; :class:`NotFound` when there is none."""
+def open_chunk_file(
+    scale_dir: Directory, name: ChunkName, follow: Follow = False
+) -> tuple[str, OpenedFile]:
+    """The file name and the open TIFF file of chunk ``name``; :class:`NotFound` when none.
+
+    Only a regular file is opened (a link only when ``follow``): a FIFO, socket or device
+    of a chunk's name is not found, and never blocks.
+    """
     for ext in CHUNK_EXTENSIONS:
-        path = scale_dir / (name.stem + ext)
-        if path.is_file():
-            root.check_readable(path)
-            return path
+        filename = name.stem + ext
+        try:
+            return filename, scale_dir.open_file(filename, follow=follow)
+        except NotFound:
+            continue
     raise NotFound(f"no chunk {name.stem}")
+
+
+class TiffStream(io.RawIOBase):
+    """An open file as tifffile should see it: read and seek, and no file descriptor.
+
+    tifffile opens other files beside one it reads (multi-file OME, MicroManager and NDTiff
+    series name them) only when its handle has a descriptor; through this it reads this
+    file alone. Starts at the beginning of the file.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__()
+        self._file = file
+        file.seek(0)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def open_tiff(file: BinaryIO, label: str) -> tifffile.TiffFile:
+    """A ``TiffFile`` reading the open ``file`` only, named after ``label``."""
+    stream = cast(IO[bytes], TiffStream(file))
+    return tifffile.TiffFile(stream, name=os.path.basename(label))
 
 
 def file_version(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -178,13 +230,13 @@ def to_raw(
     axes: str,
     name: ChunkName,
     fmt: ScaleFormat,
-    path: Path,
+    path: str,
 ) -> bytes:
     """Turn a decoded TIFF array into the raw encoding: channel, z, y, x (x fastest), ``<``.
 
     ``axes`` is tifffile's axes string for the array (``S`` or ``C`` marks channels).
-    Raises :class:`ServerError`, naming ``path``, when the shape or dtype disagrees with the
-    chunk's name or the scale's format.
+    Raises :class:`ServerError`, naming ``path`` (the file's, for the operator), when the
+    shape or dtype disagrees with the chunk's name or the scale's format.
     """
     if array.dtype.newbyteorder("<") != fmt.dtype.newbyteorder("<"):
         raise ServerError(f"{path}: data type {array.dtype} but info says {fmt.dtype}")
@@ -205,8 +257,8 @@ def to_raw(
     return np.ascontiguousarray(little).tobytes()
 
 
-def decode_tiff(path: Path, name: ChunkName, fmt: ScaleFormat) -> bytes:
-    """Read the TIFF at ``path`` and return chunk ``name`` in the raw encoding.
+def decode_tiff(file: BinaryIO, name: ChunkName, fmt: ScaleFormat, path: str) -> bytes:
+    """Read the open TIFF ``file`` (at ``path``) and return chunk ``name`` in the raw encoding.
 
     Any compression tifffile (with imagecodecs) can decode is accepted. The size the header
     declares is checked before anything is decoded, so a corrupt header claiming a huge image
@@ -216,7 +268,7 @@ def decode_tiff(path: Path, name: ChunkName, fmt: ScaleFormat) -> bytes:
     z, y, x = name.shape
     expected = z * y * x * fmt.num_channels
     try:
-        with tifffile.TiffFile(path) as tif:
+        with open_tiff(file, path) as tif:
             series = tif.series[0]
             if series.size != expected:
                 raise ServerError(
@@ -237,14 +289,15 @@ def tagged(etag: str, coding: str | None) -> str:
     return etag if coding is None else f"{etag[:-1]}-{coding}{etag[-1]}"
 
 
-def read_layout(path: Path) -> RawLayout | None:
-    """The byte range of the voxels of an uncompressed, contiguous, little-endian TIFF.
+def read_layout(file: BinaryIO, path: str) -> RawLayout | None:
+    """The byte range of the voxels of the open ``file`` (at ``path``), an uncompressed,
+    contiguous, little-endian TIFF.
 
     None when the file needs real decoding (compressed, tiled, big-endian, bit-packed,
     planar samples...). Raises :class:`ServerError` naming the file when it cannot be parsed.
     """
     try:
-        with tifffile.TiffFile(path) as tif:
+        with open_tiff(file, path) as tif:
             series = tif.series[0]
             page = series.pages[0]
             offset = series.dataoffset
@@ -299,36 +352,55 @@ class ChunkSource:
 
     def respond(
         self,
-        dataset: Path,
+        dataset: list[str],
         key: str,
         name: ChunkName,
         coding: str | None = None,
         client_has: Callable[[str], bool] | None = None,
     ) -> ChunkResponse:
-        """Chunk ``name`` of scale ``key``, in ``coding`` when that makes it smaller.
+        """Chunk ``name`` of scale ``key`` of the dataset that the validated path segments
+        ``dataset`` name, in ``coding`` when that makes it smaller.
 
         ``client_has`` is asked about the ETags of the file's current representations; when it
         holds one, the answer has no body. Raises :class:`NotFound` for a missing dataset,
         scale or chunk, and :class:`ServerError` for a file that does not fit ``info``.
         """
-        fmt = scale_format(self.infos.read(dataset), key, dataset)
-        path = find_chunk_file(self.root, dataset / key, name)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise NotFound(f"no chunk {name.stem}") from None
+        fs = self.root.fs
+        follow = fs.read_follow
+        with fs.open_dir(dataset) as directory:
+            where = os.path.join(fs.path, directory.relative)
+            info = os.path.join(where, "info")
+            fmt = scale_format(self.infos.read(directory, follow, info), key, info)
+            with directory.subdir(key, follow=follow) as scale:
+                filename, opened = open_chunk_file(scale, name, follow)
+        with opened:
+            path = os.path.join(where, key, filename)
+            return self._respond(opened, path, name, fmt, coding, client_has)
+
+    def _respond(
+        self,
+        opened: OpenedFile,
+        path: str,
+        name: ChunkName,
+        fmt: ScaleFormat,
+        coding: str | None,
+        client_has: Callable[[str], bool] | None,
+    ) -> ChunkResponse:
+        """:meth:`respond` for the chunk's open file, found at ``path`` (for messages)."""
+        st = opened.status
         etag = file_etag(st)
         if client_has is not None:
             for held in (tagged(etag, coding), etag):
                 if client_has(held):
                     return ChunkResponse(None, None, held, st.st_mtime)
-        version = (str(path), *file_version(st))
+        # What the body depends on: the file's version, and what the name and info ask of it.
+        version = (*file_version(st), name.stem, fmt.dtype.str, fmt.num_channels)
         cached = self.responses.get((*version, coding))
         if self.observer is not None:
             self.observer.chunk_cache(hit=cached is not None)
         if cached is None:
             raw = self.responses.get((*version, None)) if coding is not None else None
-            raw_body = raw[0] if raw is not None else self._timed_raw(path, version, name, fmt)
+            raw_body = raw[0] if raw is not None else self._timed_raw(opened, path, name, fmt)
             if raw is None and coding is not None:
                 self.responses.put((*version, None), (raw_body, None))
             cached = encode_body(raw_body, coding)
@@ -336,23 +408,20 @@ class ChunkSource:
         body, used = cached
         return ChunkResponse(body, used, tagged(etag, used), st.st_mtime)
 
-    def _timed_raw(
-        self, path: Path, version: tuple[object, ...], name: ChunkName, fmt: ScaleFormat
-    ) -> bytes:
+    def _timed_raw(self, opened: OpenedFile, path: str, name: ChunkName, fmt: ScaleFormat) -> bytes:
         """:meth:`_raw`, its duration told to the observer."""
         started = time.perf_counter()
-        raw = self._raw(path, version, name, fmt)
+        raw = self._raw(opened, path, name, fmt)
         if self.observer is not None:
             self.observer.chunk_decoded(time.perf_counter() - started)
         return raw
 
-    def _raw(
-        self, path: Path, version: tuple[object, ...], name: ChunkName, fmt: ScaleFormat
-    ) -> bytes:
+    def _raw(self, opened: OpenedFile, path: str, name: ChunkName, fmt: ScaleFormat) -> bytes:
         """The chunk's raw bytes: one read of a byte range when the file allows, else decoding."""
+        version = file_version(opened.status)
         entry = self.layouts.get(version)
         if entry is None:
-            entry = (read_layout(path),)
+            entry = (read_layout(opened.file, path),)
             self.layouts.put(version, entry)
         layout = entry[0]
         z, y, x = name.shape
@@ -363,12 +432,8 @@ class ChunkSource:
             and layout.nbytes == z * y * x * layout.dtype.itemsize
             and layout.shape[-2:] == (y, x)
         ):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                data = os.pread(fd, layout.nbytes, layout.offset)
-            finally:
-                os.close(fd)
+            data = os.pread(opened.file.fileno(), layout.nbytes, layout.offset)
             if len(data) != layout.nbytes:
                 raise ServerError(f"{path}: truncated: {len(data)} of {layout.nbytes} bytes")
             return data
-        return decode_tiff(path, name, fmt)
+        return decode_tiff(opened.file, name, fmt, path)

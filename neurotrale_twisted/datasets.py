@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
+from .errors import NotFound
 from .paths import DataRoot
+from .rootfs import Directory
 
 #: How deep below the root the index looks for datasets (``lab/2024/brain1`` is depth 3).
 MAX_DEPTH = 6
@@ -13,27 +13,33 @@ MAX_DEPTH = 6
 def find_datasets(root: DataRoot, max_depth: int = MAX_DEPTH) -> list[str]:
     """The relative paths (``/``-separated, sorted) of every directory holding an ``info`` file.
 
-    Dot-directories are skipped, and so are links out of the root unless the root allows
-    following them. A dataset's own subdirectories (scales, annotations) are not searched.
+    The walk goes through the data root's file layer: dot-directories are skipped, and so
+    are links unless the root allows following them. A dataset's own subdirectories
+    (scales, annotations) are not searched.
     """
+    fs = root.fs
     found: list[str] = []
 
-    def walk(directory: str, relative: str, depth: int) -> None:
+    def walk(directory: Directory, depth: int) -> None:
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            entries = sorted(directory.readable_entries(follow=fs.read_follow))
         except OSError:
             return
-        if relative and any(e.name == "info" and e.is_file() for e in entries):
-            found.append(relative)
+        if directory.relative and ("info", False) in entries:
+            found.append(directory.relative)
             return
         if depth >= max_depth:
             return
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
+        for name, is_dir in entries:
+            if not is_dir:
                 continue
-            if entry.is_symlink() and not root.may_read(entry.path):
+            try:
+                child = directory.subdir(name, follow=fs.read_follow)
+            except (NotFound, OSError):
                 continue
-            walk(entry.path, f"{relative}/{entry.name}" if relative else entry.name, depth + 1)
+            with child:
+                walk(child, depth + 1)
 
-    walk(str(root.root), "", 0)
+    with fs.root() as top:
+        walk(top, 0)
     return found

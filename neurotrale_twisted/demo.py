@@ -13,10 +13,20 @@ import hashlib
 import itertools
 import json
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from . import project_version
+
+#: Writes one annotation file's records (the demo's own writer, or the server's store).
+AnnotationWriter = Callable[[Path, list[dict[str, object]]], None]
+
+#: Exit status when the command line is refused (the dataset exists, a bad option).
+EXIT_USAGE = 2
 
 #: The demo volume's size in voxels (x, y, z): deliberately not a multiple of the chunk size.
 DEMO_SIZE = (200, 176, 72)
@@ -93,8 +103,15 @@ def record_id(*parts: object) -> str:
     return hashlib.sha1(repr(parts).encode()).hexdigest()
 
 
-def write_annotations(directory: Path, size: tuple[int, int, int], seed: int = 11) -> None:
-    """Write ``block_info.csv`` and a few annotation files in the contract's record format."""
+def write_annotations(
+    directory: Path,
+    size: tuple[int, int, int],
+    seed: int = 11,
+    write_json: AnnotationWriter | None = None,
+) -> None:
+    """Write ``block_info.csv`` and a few annotation files in the contract's record format,
+    each through ``write_json`` (default: written as is)."""
+    _write_json = write_json or _write_new_json
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "block_info.csv").write_text("{},{},{}\n".format(*BLOCK))
@@ -155,12 +172,32 @@ def write_annotations(directory: Path, size: tuple[int, int, int], seed: int = 1
         _write_json(block / f"z-{z:04d}.json", records)
 
 
-def _write_json(path: Path, records: list[dict[str, object]]) -> None:
+def _write_new_json(path: Path, records: list[dict[str, object]]) -> None:
     path.write_text(json.dumps(records, separators=(",", ":")))
 
 
-def write_demo(directory: Path, name: str = "demo-brain", compression: str | None = None) -> Path:
-    """Write the demo dataset under ``directory``; return its path."""
+def store_writer(directory: Path) -> AnnotationWriter:
+    """A writer that saves annotation files through the server's store (a ``PUT``): the
+    content a file had is kept as a version, as for any write; an unchanged file makes none."""
+    from .annotations import AnnotationStore
+    from .paths import DataRoot
+
+    store = AnnotationStore(DataRoot(directory))
+
+    def write(path: Path, records: list[dict[str, object]]) -> None:
+        store.put(path, json.dumps(records).encode())
+
+    return write
+
+
+def write_demo(
+    directory: Path,
+    name: str = "demo-brain",
+    compression: str | None = None,
+    write_json: AnnotationWriter | None = None,
+) -> Path:
+    """Write the demo dataset under ``directory``; return its path. Annotation files go
+    through ``write_json`` (default: written as is; :func:`store_writer` keeps versions)."""
     dataset = directory / name
     dataset.mkdir(parents=True, exist_ok=True)
     volume = microscopy_volume(DEMO_SIZE)
@@ -189,25 +226,46 @@ def write_demo(directory: Path, name: str = "demo-brain", compression: str | Non
         "type": "image",
     }
     (dataset / "info").write_text(json.dumps(info, indent=2))
-    write_annotations(dataset / "annotations", DEMO_SIZE)
+    write_annotations(dataset / "annotations", DEMO_SIZE, write_json=write_json)
     return dataset
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``neurotrale-demo DIR [--compression zlib]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command line: ``neurotrale-demo DIR [--compression zlib] [--force]``."""
+    parser = argparse.ArgumentParser(prog="neurotrale-demo", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="where to write the dataset")
-    parser.add_argument("--name", default="demo-brain", help="the dataset's directory name")
+    parser.add_argument(
+        "--name", default="demo-brain", help="the dataset's directory name (default demo-brain)"
+    )
     parser.add_argument(
         "--compression",
         choices=["none", "zlib", "zstd", "lzw"],
         default="none",
-        help="TIFF compression of the chunk files",
+        help="TIFF compression of the chunk files (default none)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write over an existing dataset of that name: its annotation files are saved as "
+        "the server saves them, so the content they had is kept as a version",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
     args = parser.parse_args(argv)
     compression = None if args.compression == "none" else args.compression
-    dataset = write_demo(args.directory, args.name, compression)
-    print(f"wrote {dataset}; serve it with: twistd -n neurotrale --path {args.directory}")
+    target = args.directory / args.name
+    writer = None
+    if target.exists():
+        if not args.force:
+            print(
+                f"{parser.prog}: error: {target} already exists; serve it as it is "
+                f"(neurotrale --path {args.directory}), or pass --force to write the demo "
+                "over it (annotation files it changes keep their content as a version)",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_USAGE)
+        writer = store_writer(args.directory)
+    dataset = write_demo(args.directory, args.name, compression, write_json=writer)
+    print(f"wrote {dataset}; serve it with: neurotrale --path {args.directory}")
 
 
 if __name__ == "__main__":

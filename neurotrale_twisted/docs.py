@@ -17,6 +17,7 @@ from swagger_ui_bundle import swagger_ui_path
 from twisted.web import http
 from twisted.web.iweb import IRequest
 
+from . import history
 from .encoding import encode_body
 from .errors import NotFound
 from .http import add_vary
@@ -110,14 +111,17 @@ def _load(name: str) -> DocsFile:
         return DocsFile(openapi_json(), "application/json")
     if name == "swagger-initializer.js":
         return DocsFile(INITIALIZER, SWAGGER_ASSETS[name])
+    if name in history.HISTORY_ASSETS:
+        return DocsFile(history.asset(name), history.HISTORY_ASSETS[name])
     if name not in SWAGGER_ASSETS:
         raise NotFound(f"no documentation file {name!r}")
     return DocsFile((swagger_ui_path / name).read_bytes(), SWAGGER_ASSETS[name])
 
 
 def prepare(name: str, coding: str | None) -> PreparedFile:
-    """The documentation file ``name`` (``index.html``, ``openapi.json`` or a Swagger UI
-    file) in ``coding``. Reads the disk the first time: call it off the reactor thread.
+    """The documentation file ``name`` (``index.html``, ``openapi.json``, a Swagger UI file or
+    one of the history page's files) in ``coding``. Reads the disk the first time: call it off
+    the reactor thread.
 
     Raises :class:`NotFound` for any other name.
     """

@@ -6,9 +6,9 @@ time limit, since a hung network file system blocks the call rather than failing
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
+
+from .rootfs import RootFS
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,19 @@ class Health:
         return {"status": "ok" if self.ok else "unavailable", "detail": self.detail}
 
 
-def check_data_root(root: Path) -> Health:
-    """Healthy when ``root`` is a directory this process can list."""
+def check_data_root(fs: RootFS) -> Health:
+    """Healthy when the held data root can be listed and is still the directory at its path.
+
+    The server serves the directory it opened at start-up; one removed, moved away or
+    replaced since is served no more by the path the operator configured, which a restart
+    mends.
+    """
     try:
-        with os.scandir(root) as entries:
-            next(entries, None)
+        with fs.root() as top:
+            next(top.entries(), None)
+        current = fs.still_at_path()
     except OSError as error:
         return Health(False, f"the data root cannot be read: {error.strerror or error}")
+    if not current:
+        return Health(False, "the data root was removed, moved or replaced since start-up")
     return Health(True, "the data root is readable")

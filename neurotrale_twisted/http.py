@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import NoRangeStaticProducer
 
 from .connections import LogThrottle
+from .protocol import request_fault
 
 log = Logger()
 
@@ -91,13 +93,27 @@ def json_body(request: IRequest, status: int, document: Any) -> bytes:
     return body
 
 
+#: An absolute filesystem path in a message: a ``/`` that begins a word, with more after it.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"]+/)+")
+
+
+def without_absolute_paths(message: str) -> str:
+    """``message`` with every absolute path cut down to its last name.
+
+    An error body never tells a client where the server keeps its files (the log does);
+    callers make paths under the data root relative to it first (see ``web.domain_error``).
+    """
+    return _ABSOLUTE_PATH.sub("", message)
+
+
 def error_response(request: IRequest, status: int, message: str) -> bytes:
-    """The JSON error answer ``{"error": message, "status": status}``."""
+    """The JSON error answer ``{"error": message, "status": status}``; no absolute path in it."""
     request.setHeader(b"cache-control", b"no-store")
     # An error replaces whatever a handler had begun to describe.
     for name in (b"etag", b"last-modified", b"content-encoding", b"content-range"):
         request.responseHeaders.removeHeader(name)
-    return json_body(request, status, {"error": message, "status": status})
+    document = {"error": without_absolute_paths(message), "status": status}
+    return json_body(request, status, document)
 
 
 class JsonErrorResource(Resource):
@@ -188,7 +204,7 @@ def choose_encoding(accept_encoding: bytes | None) -> str | None:
 # --- byte ranges --------------------------------------------------------------------------
 
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
 
 
 class Unsatisfiable(Exception):
@@ -284,8 +300,21 @@ class LimitedRequest(server.Request):
         """Refuse at once a declared body over the limit."""
         if length is not None and length > _settings_of(self.channel).max_body:
             self._refuse()
+            # The channel answers ``Expect: 100-continue`` right after this; a 100 after
+            # the final 413 would invite the body that was just refused (RFC 9110 10.1.1).
+            self.requestHeaders.removeHeader(b"expect")
             length = 0
         super().gotLength(length)
+
+    def getRequestHostname(self) -> bytes:
+        """The host the client named, else the address it reached, else ``localhost``.
+
+        Twisted's answers with the listening address, which a unix socket does not have
+        (an HTTP/1.0 request there needs no ``Host``).
+        """
+        if self.getHeader(b"host") or hasattr(self.getHost(), "host"):
+            return bytes(super().getRequestHostname())
+        return b"localhost"
 
     def handleContentChunk(self, data: bytes) -> None:
         """Count the body as it arrives and refuse it when it passes the limit."""
@@ -515,31 +544,45 @@ class AccessPolicy(Protocol):
 
 
 class NeurotraleRoot(Resource):
-    """The site's root: CORS on every answer, preflights, and ``//`` folded for the routes."""
+    """The site's root: CORS on every answer, preflights, ``//`` folded for the routes, and
+    requests refused before routing (:mod:`.protocol`: methods, ``Host``, the query)."""
 
     isLeaf = True
 
     def __init__(
-        self, routes: IResource, cors: CorsPolicy, access: AccessPolicy | None = None
+        self,
+        routes: IResource,
+        cors: CorsPolicy,
+        access: AccessPolicy | None = None,
+        allowed_methods: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         self.routes = routes
         self.cors = cors
         self.access = access
+        self.allowed_methods = allowed_methods
 
     def render(self, request: IRequest) -> Any:
-        """Apply CORS, answer ``OPTIONS``, and hand everything else to the routes."""
+        """Apply CORS, refuse a faulty request, answer ``OPTIONS``, and hand everything
+        else to the routes."""
         self.cors.apply(request)
         # Browsers must take our content types as they are (a data file is never a page).
         request.setHeader(b"x-content-type-options", b"nosniff")
-        if request.method == b"OPTIONS":
-            return self.cors.preflight(request)
         postpath = fold_slashes(request.postpath)  # type: ignore[attr-defined]
         try:
-            for segment in postpath:
-                segment.decode("utf-8")
+            path = "/" + "/".join(segment.decode("utf-8") for segment in postpath)
         except UnicodeDecodeError:
             return error_response(request, http.BAD_REQUEST, "the URL path is not valid UTF-8")
+        fault = request_fault(request)
+        if fault is not None:
+            if fault.status == http.NOT_ALLOWED:
+                allowed = list(self.allowed_methods(path)) if self.allowed_methods else []
+                request.setHeader(b"allow", ", ".join([*allowed, "OPTIONS"]).encode())
+            return error_response(request, fault.status, fault.message)
+        # From here on the method is one exact token of SERVED_METHODS, the same for the
+        # access policy and for the router (which would upper-case any other spelling).
+        if request.method == b"OPTIONS":
+            return self.cors.preflight(request)
         request.postpath = postpath  # type: ignore[attr-defined]
         if self.access is not None:
             return self.access.render(request, self.routes)

@@ -47,7 +47,9 @@ import numpy as np
 import tifffile
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type hints
 
+from . import project_version
 from .chunks import ChunkName
+from .cpus import usable_cpus
 
 Array = np.ndarray[Any, np.dtype[Any]]
 
@@ -843,14 +845,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         metavar="N",
-        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
-        help="processes writing chunks (default: the number of CPUs)",
+        default=usable_cpus(),
+        help="processes writing chunks (default: the CPUs this process may use)",
     )
     parser.add_argument(
         "--segmentation",
         action="store_true",
         help="the planes hold labels: downsample by the most frequent label, not the mean",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
     again = parser.add_mutually_exclusive_group()
     again.add_argument(
         "--resume",

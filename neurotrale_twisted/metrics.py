@@ -28,6 +28,8 @@ from prometheus_client import (
     values,
 )
 
+from .chunks import CHUNK_PATTERN
+
 #: The environment variable that puts prometheus_client in multiprocess mode.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The Content-Type of the text exposition format.
@@ -36,7 +38,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _DECODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "POST"})
-_CHUNK_SEGMENT = re.compile(r"^\d+-\d+_\d+-\d+_\d+-\d+(?:\.tiff?)?$")
+_CHUNK_SEGMENT = re.compile(CHUNK_PATTERN)
 
 
 def route_of(path: bytes) -> str:
@@ -55,7 +57,7 @@ def route_of(path: bytes) -> str:
         return "api"
     if len(segments) >= 4 and segments[-3] == b"annotations" and segments[-1].endswith(b".json"):
         return "annotation"
-    if len(segments) >= 3 and _CHUNK_SEGMENT.match(segments[-1].decode("latin-1")):
+    if len(segments) >= 3 and _CHUNK_SEGMENT.fullmatch(segments[-1].decode("latin-1")):
         return "chunk"
     return "static"
 

@@ -15,10 +15,12 @@ import copy
 import json
 import re
 from functools import cache
-from importlib import metadata
 from typing import Any
 
+from . import project_version
 from .chunks import CHUNK_PATTERN
+from .history import HISTORY_ASSETS
+from .protocol import MAX_VERSION_DIGITS
 
 OPENAPI_VERSION = "3.0.3"
 
@@ -341,22 +343,34 @@ ANNOTATION_PARAMETERS = [
 WRITE_ERRORS = {
     **_errors("400", "403", "404", "412", "413", "500"),
     "405": _error(
-        "The name is not an annotation file name, so the path is a plain file, which only "
-        "takes GET and HEAD."
+        "The path is not an annotation file's (a plain file, which only takes GET and HEAD). "
+        "A write to `annotations/{block}/{name}` whose name breaks the rule (letters, digits, "
+        "`-`, `_`, `.`; ends with `.json`; no leading `.`, no `..`) is a 400 naming the rule."
     ),
 }
 
 ANNOTATION_READ = _with_head(
     {
         "tags": ["annotations"],
-        "summary": "An annotation file, its list of versions, or one old version",
+        "summary": "An annotation file, its versions, one old version, or its history page",
         "operationId": "getAnnotations",
         "description": (
             "With no query: the file as stored (`Cache-Control: no-cache`, a strong ETag, 304 "
             "on `If-None-Match`). With `?versions`: the versions kept of it, newest first. "
-            "With `?version=N`: that version's content, which can be put back with a PUT."
+            "With `?version=N`: that version's content, which can be put back with a PUT. "
+            "With `?history`: an HTML page for people, listing the versions with what each "
+            "changed, showing their records, and restoring one by a click (a PUT with "
+            "`If-Match`); it comes before the other parameters."
         ),
         "parameters": [
+            {
+                "name": "history",
+                "in": "query",
+                "required": False,
+                "allowEmptyValue": True,
+                "description": "Present (with any value, or none): the HTML history page.",
+                "schema": {"type": "string"},
+            },
             {
                 "name": "versions",
                 "in": "query",
@@ -370,13 +384,14 @@ ANNOTATION_READ = _with_head(
                 "in": "query",
                 "required": False,
                 "description": "Answer this kept version's content instead of the file's.",
-                "schema": {"type": "integer", "minimum": 1},
+                "schema": {"type": "integer", "minimum": 1, "maximum": 10**MAX_VERSION_DIGITS - 1},
             },
             _ref("parameters", "If-None-Match"),
         ],
         "responses": {
             "200": {
-                "description": "The file (or the version asked for), or the list of versions.",
+                "description": "The file (or the version asked for), the list of versions, or "
+                "(`?history`) the history page.",
                 "content": {
                     "application/json": {
                         "schema": {
@@ -385,7 +400,8 @@ ANNOTATION_READ = _with_head(
                                 {"type": "array", "items": _ref("schemas", "Version")},
                             ]
                         }
-                    }
+                    },
+                    "text/html": {"schema": {"type": "string"}},
                 },
             },
             "304": {"description": "The client's copy (`If-None-Match`) is current."},
@@ -572,14 +588,16 @@ API_DOCUMENT = _with_head(
 API_ASSET = _with_head(
     {
         "tags": ["documentation"],
-        "summary": "A file of Swagger UI",
+        "summary": "A file of Swagger UI, or of the annotation history page",
         "operationId": "apiAsset",
         "responses": {
             "200": {
                 "description": "The file.",
                 "content": {
                     media: {"schema": {"type": "string"}}
-                    for media in sorted({t.split(";")[0] for t in SWAGGER_ASSETS.values()})
+                    for media in sorted(
+                        {t.split(";")[0] for t in (SWAGGER_ASSETS | HISTORY_ASSETS).values()}
+                    )
                 },
             },
             "304": {"description": "The client's copy is current."},
@@ -663,7 +681,12 @@ ROUTES: dict[str, Json] = {
     "/api/openapi.json": API_DOCUMENT,
     "/api/<asset>": {
         "parameters": [
-            _path("asset", "The file's name.", "swagger-ui.css", enum=sorted(SWAGGER_ASSETS))
+            _path(
+                "asset",
+                "The file's name.",
+                "swagger-ui.css",
+                enum=sorted(SWAGGER_ASSETS | HISTORY_ASSETS),
+            )
         ],
         **API_ASSET,
     },
@@ -707,10 +730,7 @@ def openapi_document(version: str | None = None) -> Json:
     """The OpenAPI 3.0 document describing every route, with ``version`` as the API's version
     (this package's version when None)."""
     if version is None:
-        try:
-            version = metadata.version("neurotrale-twisted")
-        except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare tree
-            version = "0"
+        version = project_version()
     paths: Json = {}
     for rule, item in ROUTES.items():
         path = openapi_path(rule)

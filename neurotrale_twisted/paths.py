@@ -1,10 +1,10 @@
-"""The one place that turns a URL path into a filesystem path under the data root.
+"""From a URL path to the data root: validated path segments, and the root held open.
 
-Every route goes through :class:`DataRoot`: it refuses ``..``, ``.``, backslashes, NUL
-bytes and dot-names (history, locks and temporary files live in dot-names and are never
-served), and it checks, after resolving symbolic links, that the result is inside the root.
-Reads may follow a link out of the root only when the operator allowed it
-(``--follow-symlinks``); writes never do.
+:func:`clean_segments` refuses ``..``, ``.``, backslashes, NUL bytes and dot-names (history,
+locks and temporary files live in dot-names and are never served). The segments are then
+walked by :class:`rootfs.RootFS` (``DataRoot.fs``) from a handle of the root, one component
+at a time and without following links, which keeps every read inside the root; reads may
+follow a link only when the operator allowed it (``--follow-symlinks``); writes never do.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import BadRequest, Forbidden, NotFound
+from .rootfs import RootFS
 
 #: The longest single name most filesystems accept, in bytes.
 MAX_NAME_BYTES = 255
@@ -50,14 +51,20 @@ def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> boo
 
 
 class DataRoot:
-    """The directory of datasets, and the containment rules for reaching into it."""
+    """The directory of datasets: its path, and :attr:`fs`, the one way to reach its files."""
 
     def __init__(self, root: str | os.PathLike[str], follow_symlinks: bool = False) -> None:
         self.root = Path(os.path.realpath(root))
         self.follow_symlinks = follow_symlinks
+        #: The root held open: the way every read and write reaches a file under it.
+        self.fs = RootFS(self.root, follow_symlinks)
+
+    # for_reading, for_writing, check_readable and check_writable remain only for
+    # annotations.py (and web.py's annotation route), until they go through ``fs`` (the commit
+    # branch): then remove them with is_within. Nothing else may use them.
 
     def for_reading(self, segments: Iterable[str]) -> Path:
-        """The path that the URL segments name, checked for reading.
+        """The path that the URL segments name, checked for reading (annotations only).
 
         The path may not exist. Raises :class:`BadRequest`/:class:`NotFound` for bad segments
         and :class:`NotFound` when a symbolic link leads out of the root and following such
@@ -85,11 +92,10 @@ class DataRoot:
         if not is_within(os.path.realpath(path), self.root):
             raise Forbidden("writes may not leave the data root")
 
-    def may_read(self, path: str | os.PathLike[str]) -> bool:
-        """Whether reads may reach ``path``: inside the root, or links may be followed."""
-        return self.follow_symlinks or is_within(os.path.realpath(path), self.root)
-
     def check_readable(self, path: Path) -> None:
-        """Raise :class:`NotFound` if ``path`` resolves out of the root and that is not allowed."""
-        if not self.may_read(path):
+        """Raise :class:`NotFound` if ``path`` resolves out of the root and that is not allowed.
+
+        Annotations only (see above).
+        """
+        if not (self.follow_symlinks or is_within(os.path.realpath(path), self.root)):
             raise NotFound("not found")

@@ -8,6 +8,7 @@ with a default filled in by ``postOptions``, and :func:`makeService` building a
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -26,6 +27,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from . import project_version
 from .annotations import remove_stale_temporaries
 from .connections import (
     FD_SETSIZE,
@@ -33,6 +35,7 @@ from .connections import (
     raise_open_file_limit,
     reserved_descriptors,
 )
+from .cpus import usable_cpus
 from .datasets import find_datasets
 from .http import CorsPolicy, HttpSettings
 from .metrics import ServerMetrics
@@ -46,15 +49,53 @@ DEFAULT_ROOT = "/data"
 
 
 def default_threads() -> int:
-    """Threads for decoding and writing: enough to keep every core and the disks busy."""
-    return min(32, (os.cpu_count() or 1) + 4)
+    """Threads for decoding and writing: enough to keep every usable CPU and the disks busy."""
+    return min(32, usable_cpus() + 4)
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"{value} is not a positive integer")
-    return number
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """A coercion to a whole number of at least ``minimum``, saying so when it is not."""
+
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise ValueError(f"must be a whole number of at least {minimum}")
+        return number
+
+    return coerce
+
+
+_positive = _at_least(1)
+
+
+class CannotServe(usage.UsageError):
+    """A file the options name cannot be used (the data root is missing, not a directory or
+    unreadable; the htpasswd file is unreadable): not a mistake in how the command was
+    written, so the command line exits with status 1."""
+
+
+class _NamedParameter(usage.CoerceParameter):
+    """A parameter whose refusal names the option and the value: ``--workers '0': must be
+    a whole number of at least 1`` (Twisted's names neither)."""
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        """Coerce ``value`` and store it, or refuse it naming the option."""
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName} {value!r}: {e}") from None
+
+
+#: The environment variables the server reads, for ``--help``.
+ENVIRONMENT = (
+    ("PRECOMPUTED_PATH", "the data root when --path is not given (else /data)"),
+    ("PRECOMPUTED_LOGGING", "a file the log is written to as well"),
+)
 
 
 class Options(usage.Options):
@@ -66,13 +107,27 @@ class Options(usage.Options):
         "NeuroTrALE annotation files, from a directory of datasets."
     )
     optParameters: list[list[Any]] = [
-        ["path", "p", None, "The data root (default: $PRECOMPUTED_PATH, else /data)."],
-        ["port", None, None, "Shorthand for --listen tcp:PORT.", _positive],
-        ["workers", "w", 10, "Processes serving requests (1: one process).", _positive],
-        ["threads", None, None, "Threads per process for decoding and writing files.", _positive],
-        ["keep-versions", None, 20, "Earlier versions kept per annotation file.", int],
+        ["path", "p", None, "The data root [default: $PRECOMPUTED_PATH, else /data]."],
+        ["port", None, None, "Shorthand for --listen tcp:PORT [default: none].", _positive],
+        [
+            "workers",
+            "w",
+            None,
+            "Processes serving requests; 1: one process [default: the CPUs this process may "
+            f"use, {usable_cpus()} here].",
+            _positive,
+        ],
+        [
+            "threads",
+            None,
+            None,
+            "Threads per process for decoding and writing files [default: usable CPUs + 4, "
+            f"at most 32: {default_threads()} here].",
+            _positive,
+        ],
+        ["keep-versions", None, 20, "Earlier versions kept per annotation file.", _at_least(0)],
         ["max-body", None, 64, "Largest request body accepted, in MiB.", _positive],
-        ["cache-mb", None, 32, "Memory for cached chunk answers, MiB per process.", int],
+        ["cache-mb", None, 32, "Memory for cached chunk answers, MiB per process.", _at_least(0)],
         ["max-header-kb", None, 16, "Largest request line plus headers, in KiB.", _positive],
         ["request-timeout", None, 60, "Seconds a client has to send a whole request.", _positive],
         ["idle-timeout", None, 60, "Seconds an idle keep-alive connection stays open.", _positive],
@@ -87,17 +142,27 @@ class Options(usage.Options):
             "max-connections",
             None,
             None,
-            "Connections open at once per process; more are closed at once "
-            "(default: the open-file limit less a reserve for files, at most 16384).",
+            "Connections open at once per process; more are closed at once [default: the "
+            "open-file limit less a reserve for files, at most 16384].",
             _positive,
         ],
-        ["htpasswd", None, None, "Apache htpasswd file (bcrypt): writes need its credentials."],
+        [
+            "htpasswd",
+            None,
+            None,
+            "Apache htpasswd file (bcrypt): writes need its credentials [default: none, "
+            "anyone may write].",
+        ],
     ]
     optFlags = [
-        ["follow-symlinks", None, "Let reads follow symbolic links out of the data root."],
-        ["read-only", None, "Refuse every write (403); reads are unaffected."],
-        ["auth-reads", None, "With --htpasswd, reads need credentials too."],
-        ["trust-proxy", None, "Log the client address a reverse proxy sends in X-Forwarded-For."],
+        ["follow-symlinks", None, "Let reads follow symbolic links out of the data root [off]."],
+        ["read-only", None, "Refuse every write (403); reads are unaffected [off]."],
+        ["auth-reads", None, "With --htpasswd, reads need credentials too [off]."],
+        [
+            "trust-proxy",
+            None,
+            "Log the client address a reverse proxy sends in X-Forwarded-For [off].",
+        ],
     ]
     compData = usage.Completions(optActions={"path": usage.CompleteDirs()})
 
@@ -105,37 +170,54 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["cors-origin"] = []
+        for name, handler in self._dispatch.items():
+            if type(handler) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedParameter(self, handler.coerce)
+
+    def opt_version(self) -> None:
+        """Print the version of neurotrale-twisted and exit."""
+        print(f"neurotrale-twisted {project_version()}")
+        sys.exit(0)
+
+    def getUsage(self, width: int | None = None) -> str:
+        """Twisted's option list, then the environment variables the server reads."""
+        environment = "".join(f"  {name:<20} {what}\n" for name, what in ENVIRONMENT)
+        return f"{super().getUsage(width)}\nEnvironment:\n{environment}"
 
     def opt_listen(self, description: str) -> None:
         """Listen on an endpoint: tcp:9000, tcp:9000:interface=127.0.0.1, unix:/run/x.sock,
-        ssl:9443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET:index=0 (repeatable;
-        default tcp:9000)."""
+        ssl:9443:privateKey=key.pem:certKey=cert.pem, systemd:domain=INET:index=0 (repeatable)
+        [default: tcp:9000, every interface]."""
         self["listen"].append(description)
 
     def opt_cors_origin(self, origin: str) -> None:
-        """An origin allowed to read answers from a browser (repeatable; default: any, '*')."""
+        """An origin allowed to read answers from a browser (repeatable) [default: any, '*']."""
         self["cors-origin"].append(origin)
 
     def postOptions(self) -> None:
         """Fill in the defaults and refuse a data root that cannot be served."""
         path = self["path"] or os.environ.get("PRECOMPUTED_PATH") or DEFAULT_ROOT
+        if self["path"]:
+            source = " (--path)"
+        elif os.environ.get("PRECOMPUTED_PATH"):
+            source = " ($PRECOMPUTED_PATH)"
+        else:
+            source = " (the default: give --path DIR)"
         if not os.path.isdir(path):
-            raise usage.UsageError(f"the data root {path!r} is not a directory")
+            raise CannotServe(f"the data root {path!r} is not a directory{source}")
         if not os.access(path, os.R_OK | os.X_OK):
-            raise usage.UsageError(f"the data root {path!r} is not readable")
+            raise CannotServe(f"the data root {path!r} is not readable{source}")
         self["path"] = path
         if self["port"] is not None:
             self["listen"].append(f"tcp:{self['port']}")
         if not self["listen"]:
             self["listen"].append(DEFAULT_LISTEN)
         if self["htpasswd"] is not None and not os.access(self["htpasswd"], os.R_OK):
-            raise usage.UsageError(f"cannot read the htpasswd file {self['htpasswd']!r}")
+            raise CannotServe(f"cannot read the htpasswd file {self['htpasswd']!r} (--htpasswd)")
         if self["auth-reads"] and self["htpasswd"] is None:
             raise usage.UsageError("--auth-reads needs --htpasswd")
-        if self["cache-mb"] < 0:
-            raise usage.UsageError("--cache-mb must be 0 or more")
-        if self["keep-versions"] < 0:
-            raise usage.UsageError("--keep-versions must be 0 or more")
+        if self["workers"] is None:
+            self["workers"] = usable_cpus()
         if self["threads"] is None:
             self["threads"] = default_threads()
 

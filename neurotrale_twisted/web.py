@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import os
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 
 from klein import Klein
@@ -23,16 +23,17 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.static import File
+from twisted.web.static import DirectoryLister, File, formatFileSize, getTypeAndEncoding
+from twisted.web.util import redirectTo
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from . import docs
+from . import docs, history
 from .annotations import AnnotationStore
 from .auth import WritePolicy, make_portal
-from .chunks import CHUNK_PATTERN, ChunkName, ChunkResponse, ChunkSource, file_etag
+from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
 from .datasets import find_datasets
-from .errors import BadRequest, DomainError, NotFound
+from .errors import BadRequest, DomainError, MethodNotAllowed, NotFound
 from .health import Health, check_data_root
 from .http import (
     BodyResource,
@@ -49,6 +50,9 @@ from .http import (
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
 from .paths import DataRoot, clean_segments
+from .protocol import MAX_VERSION_DIGITS
+from .rootfs import OpenedFile
+from .static import Listing, find_static
 
 log = Logger()
 P = ParamSpec("P")
@@ -71,12 +75,14 @@ class AnnotationNameConverter(BaseConverter):
 
 
 class DataFile(File):
-    """Twisted's static ``File``, made safe for a data root.
+    """Twisted's static ``File``, serving what :func:`static.find_static` opened.
 
-    Dot-names are neither listed nor served; ``info`` is JSON and unknown types are
+    It never looks at the disk itself: ``File``'s questions about its path (does it exist,
+    its size and time, open it) are answered from the file that was opened, and streamed
+    from that open file, or from the listing that was read. Its path is the URL path, for
+    the name only (the content type). ``info`` is JSON and unknown types are
     ``application/octet-stream`` (never ``text/html``); a strong ETag with 304 on
     ``If-None-Match`` comes on top of ``File``'s ``Last-Modified``, ``Range`` and ``HEAD``.
-    It is a leaf: the route resolves the whole path through :class:`DataRoot` first.
     """
 
     isLeaf = True
@@ -94,33 +100,73 @@ class DataFile(File):
     }
     childNotFound = JsonErrorResource(404, "not found")  # type: ignore[assignment]
     forbidden = JsonErrorResource(403, "forbidden")  # type: ignore[assignment]
-    data_root: DataRoot | None = None
 
-    def listNames(self) -> list[str]:
-        """The names a directory listing shows: no dot-names, no links out of the root."""
-        names = [n for n in super().listNames() if not n.startswith(".")]
-        root = self.data_root
-        if root is None:
-            return names
-        return [n for n in names if root.may_read(os.path.join(self.path, n))]
+    def __init__(self, found: OpenedFile | Listing, url_path: str) -> None:
+        super().__init__(url_path, defaultType="application/octet-stream")
+        self.found = found
+
+    def _opened(self) -> OpenedFile:
+        assert isinstance(self.found, OpenedFile)
+        return self.found
+
+    # What File would ask its FilePath, answered from what was opened.
+    def restat(self, reraise: bool = True) -> None:
+        """Nothing to look up again: the status is that of the open file."""
+
+    def exists(self) -> bool:
+        """It was found."""
+        return True
+
+    def isdir(self) -> bool:
+        """Whether it is a directory (its listing was read)."""
+        return isinstance(self.found, Listing)
+
+    def getsize(self) -> int:
+        """The size of the open file."""
+        return int(self._opened().status.st_size)
+
+    def getModificationTime(self) -> float:
+        """The modification time of the open file."""
+        return float(self._opened().status.st_mtime)
+
+    def openForReading(self) -> BinaryIO:
+        """The open file, which ``File``'s producer reads and closes."""
+        return self._opened().file
+
+    def directoryListing(self) -> DataListing:
+        """The listing that was read."""
+        assert isinstance(self.found, Listing)
+        lister = BlockListing if history.is_block_directory(self.path) else DataListing
+        return lister(self.found, self.contentTypes, self.contentEncodings, self.defaultType)
+
+    def redirect(self, request: IRequest) -> bytes:
+        """Redirect a directory's URL to the same URL with a ``/``, relatively.
+
+        ``File`` would send the request's own path plus ``/``: for ``GET //dataset`` that is
+        ``//dataset/``, which a browser reads as the host ``dataset``. ``./NAME/`` stays on
+        this host and keeps a proxy's path prefix.
+        """
+        path, _, query = request.uri.partition(b"?")
+        location = b"./" + path.rsplit(b"/", 1)[-1] + b"/" + (b"?" + query if query else b"")
+        return redirectTo(location, request)  # type: ignore[no-any-return]
 
     def render_GET(self, request: IRequest) -> Any:
         """Serve the file, or list the directory (redirecting to the URL with a ``/``)."""
-        self.restat(False)
-        if not self.exists():
-            return self.childNotFound.render(request)
-        if self.isdir():
+        found = self.found
+        if isinstance(found, Listing):
             if request.path.endswith(b"/"):
                 return self.directoryListing().render(request)
             return self.redirect(request)
         if self.basename() == "info":
             self.type, self.encoding = "application/json", None
-        status = os.stat(self.path)
+        status = found.status
         if request.setETag(file_etag(status).encode()) is http.CACHED:
+            found.close()
             return b""
         try:
             single_range(request.getHeader(b"range"), status.st_size)
         except Unsatisfiable:
+            found.close()
             # File would answer an empty body under the file's own content type.
             body = error_response(
                 request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
@@ -130,6 +176,81 @@ class DataFile(File):
         return super().render_GET(request)
 
     render_HEAD = render_GET
+
+
+class DataListing(DirectoryLister):
+    """Twisted's directory listing page, of names read beforehand (it looks at no disk).
+
+    Names are HTML-escaped and URL-quoted as Twisted does.
+    """
+
+    def __init__(
+        self,
+        listing: Listing,
+        content_types: dict[str, str],
+        content_encodings: dict[str, str],
+        default_type: str,
+    ) -> None:
+        names = [n.name for n in listing.names]
+        super().__init__("", names, content_types, content_encodings, default_type)
+        self.listing = listing
+
+    def _getFilesAndDirectories(
+        self, directory: list[str]
+    ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        dirs: list[dict[str, str]] = []
+        files: list[dict[str, str]] = []
+        for entry in self.listing.names:
+            href, text = quote(entry.name, "/"), html.escape(entry.name)
+            if entry.is_dir:
+                dirs.append(
+                    {
+                        "text": text + "/",
+                        "href": href + "/",
+                        "size": "",
+                        "type": "[Directory]",
+                        "encoding": "",
+                    }
+                )
+                continue
+            mimetype, encoding = getTypeAndEncoding(
+                entry.name, self.contentTypes, self.contentEncodings, self.defaultType
+            )
+            files.append(
+                {
+                    "text": text,
+                    "href": href,
+                    "type": f"[{mimetype}]",
+                    "encoding": f"[{encoding}]" if encoding else "",
+                    "size": formatFileSize(entry.size),
+                }
+            )
+        return dirs, files
+
+
+class BlockListing(DataListing):
+    """The listing of an annotation block: each annotation file links its history page."""
+
+    template = DirectoryLister.template.replace(
+        "<th>Content encoding</th>", "<th>Content encoding</th>\n            <th>History</th>"
+    )
+    linePattern = DirectoryLister.linePattern.replace("</tr>", "    <td>%(history)s</td>\n</tr>")
+
+    def _getFilesAndDirectories(
+        self, directory: list[str]
+    ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        dirs, files = super()._getFilesAndDirectories(directory)
+        for entry in dirs:
+            entry["history"] = ""
+        for entry in files:
+            # ``text`` is the escaped name, ``href`` the quoted one.
+            name = html.unescape(entry["text"])
+            entry["history"] = (
+                f'<a class="history" href="{entry["href"]}?history">history</a>'
+                if history.is_annotation_name(name)
+                else ""
+            )
+        return dirs, files
 
 
 class Neurotrale:
@@ -174,7 +295,12 @@ class Neurotrale:
             None if self.htpasswd is None else make_portal(self.htpasswd, routes, self._in_thread)
         )
         policy = WritePolicy(self.read_only, portal, self.auth_reads)
-        return NeurotraleRoot(routes, self.cors, policy)
+        return NeurotraleRoot(routes, self.cors, policy, self.allowed_methods)
+
+    def allowed_methods(self, path: str) -> list[str]:
+        """The methods the route at URL ``path`` answers (``OPTIONS`` aside), for ``Allow``."""
+        adapter = self.app.url_map.bind("localhost", path_info=path)
+        return sorted(adapter.allowed_methods()) or READ_METHODS
 
     def _in_thread(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
@@ -249,7 +375,7 @@ class Neurotrale:
         name = ChunkName.parse(chunk)
         if name is None:
             raise NotFound(f"{chunk!r} is not a chunk name")
-        segments = dataset.split("/")  # checked by DataRoot.for_reading on the thread
+        segments = clean_segments(dataset.split("/"))
         clean_segments([key])
         range_header = request.getHeader(b"range")
         # A range answer is never compressed: its offsets are offsets of the raw bytes.
@@ -259,12 +385,7 @@ class Neurotrale:
         def client_has(etag: str) -> bool:
             return inm is not None and none_match(inm, etag)
 
-        def respond() -> ChunkResponse:
-            # Resolving links touches the disk: off the reactor thread, like the rest.
-            dataset_dir = self.root.for_reading(segments)
-            return self.chunks.respond(dataset_dir, key, name, coding, client_has)
-
-        answer = await self._in_thread(respond)
+        answer = await self._in_thread(self.chunks.respond, segments, key, name, coding, client_has)
         request.setHeader(b"vary", b"Accept-Encoding")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"last-modified", http.datetimeToString(answer.modified))
@@ -299,6 +420,8 @@ class Neurotrale:
         """Read, replace, upsert into or delete from one annotation file."""
         method = request.method
         segments = dataset.split("/")
+        if method in (b"GET", b"HEAD") and b"history" in _query_names(request):
+            return await self._history_page(request, segments, block, name)
         if method in (b"GET", b"HEAD"):
             return await self._read_annotation(request, segments, block, name)
         store = self.annotations
@@ -316,7 +439,10 @@ class Neurotrale:
                 return store.put(path, body, if_match)
             if method == b"PATCH":
                 return store.patch(path, body, record_id, if_match)
-            return store.delete(path, record_id, if_match)
+            if method == b"DELETE":
+                return store.delete(path, record_id, if_match)
+            # Never "otherwise delete": the root lets only exact tokens through, so this is a bug.
+            raise MethodNotAllowed(f"method {method.decode('latin-1')} is not allowed here")
 
         result = await self._in_thread(write)
         request.setHeader(b"etag", result.etag.encode())
@@ -326,14 +452,37 @@ class Neurotrale:
             return json_body(request, status, {"filename": result.filename, "count": result.count})
         return json_body(request, http.OK, {"id": result.record_id})
 
+    async def _history_page(
+        self, request: IRequest, segments: list[str], block: str, name: str
+    ) -> bytes:
+        """``?history``: the HTML page of the file's versions (404 when there is no file)."""
+        store = self.annotations
+
+        def exists() -> None:
+            dataset_dir = self.root.for_reading(segments)
+            store.read(store.locate(dataset_dir, block, name, for_write=False))
+
+        await self._in_thread(exists)
+        page = history.page(segments, block, name)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", history.CONTENT_SECURITY_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"content-length", b"%d" % len(page))
+        return page
+
     async def _read_annotation(
         self, request: IRequest, segments: list[str], block: str, name: str
     ) -> bytes:
         store = self.annotations
         version = _query(request, b"version")
         want_list = b"versions" in _query_names(request)
-        if version is not None and not (version.isascii() and version.isdigit()):
-            raise BadRequest("?version= must be a positive integer")
+        if version is not None and not (
+            version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS
+        ):
+            raise BadRequest(
+                f"?version= must be a positive integer of at most {MAX_VERSION_DIGITS} digits"
+            )
 
         def read() -> Any:
             dataset_dir = self.root.for_reading(segments)
@@ -366,7 +515,7 @@ class Neurotrale:
             return json_body(
                 request, 503, {"status": "stopping", "detail": "the server is stopping"}
             )
-        check = self._in_thread(check_data_root, self.root.root)
+        check = self._in_thread(check_data_root, self.root.fs)
         check.addTimeout(5, self.reactor)  # type: ignore[arg-type]
         try:
             health = await check
@@ -386,12 +535,13 @@ class Neurotrale:
     # --- everything else: the static files ------------------------------------------------
 
     @app.route("/<path:rest>", methods=READ_METHODS)
-    def static(self, request: IRequest, rest: str) -> IResource:
-        """Any other file or directory under the root, through Twisted's static ``File``."""
-        path = self.root.for_reading(rest.split("/"))
-        resource = DataFile(str(path), defaultType="application/octet-stream")
-        resource.data_root = self.root
-        return resource
+    async def static(self, request: IRequest, rest: str) -> IResource:
+        """Any other file or directory under the root: found and opened through the data
+        root's file layer on the thread pool, then streamed by Twisted's static ``File``
+        from the file that was opened."""
+        segments = clean_segments(rest.split("/"))
+        found = await self._in_thread(find_static, self.root.fs, segments)
+        return DataFile(found, "/" + "/".join(segments))
 
     # --- errors ---------------------------------------------------------------------------
 
@@ -407,7 +557,9 @@ class Neurotrale:
                 uri=request.uri.decode("latin-1"),
                 message=error.message,
             )
-        return error_response(request, error.status, error.message)
+        # Paths under the root become relative to it (error_response drops any other).
+        message = error.message.replace(str(self.root.root).rstrip(os.sep) + os.sep, "")
+        return error_response(request, error.status, message)
 
     @app.handle_errors(HTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -415,6 +567,8 @@ class Neurotrale:
         error = failure.value
         assert isinstance(error, HTTPException)
         status = error.code or 500
+        if status == http.NOT_ALLOWED and (refusal := _bad_annotation_name(request)):
+            return error_response(request, http.BAD_REQUEST, refusal)
         if status == http.NOT_ALLOWED:
             allowed = sorted(getattr(error, "valid_methods", None) or READ_METHODS)
             request.setHeader(b"allow", ", ".join([*allowed, "OPTIONS"]).encode())
@@ -435,6 +589,21 @@ class Neurotrale:
         return error_response(request, http.INTERNAL_SERVER_ERROR, "internal server error")
 
 
+def _bad_annotation_name(request: IRequest) -> str | None:
+    """Why a write to ``.../annotations/{block}/{name}`` was not routed, when ``name`` is no
+    annotation file name (the router only knows that the static route takes no writes)."""
+    if request.method not in (b"PUT", b"PATCH", b"DELETE"):
+        return None
+    segments = request.path.split(b"/")
+    if len(segments) < 5 or segments[-3] != b"annotations":
+        return None
+    name = unquote_to_bytes(segments[-1]).decode("utf-8", "replace")
+    return (
+        f"{name!r} is not an annotation file name: use letters, digits, '-', '_' and '.', "
+        "end with '.json', and do not begin with '.' nor hold '..'"
+    )
+
+
 def _header(request: IRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     return None if value is None else value.decode("latin-1")
@@ -450,5 +619,11 @@ def _query_names(request: IRequest) -> set[bytes]:
 
 
 def _query(request: IRequest, name: bytes) -> str | None:
+    """The first value of query parameter ``name``; :class:`BadRequest` if it is not UTF-8."""
     values = request.args.get(name)  # type: ignore[attr-defined]
-    return None if not values else values[0].decode("utf-8", "replace")
+    if not values:
+        return None
+    try:
+        return str(values[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest(f"?{name.decode('latin-1')}= is not valid UTF-8") from None

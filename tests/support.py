@@ -72,12 +72,19 @@ def raw_of(volume_czyx: Any) -> bytes:
     return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
 
 
-def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``request`` as is to 127.0.0.1:``port`` and read the answer until the server closes.
+def raw_http(port: int | str, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` as is to 127.0.0.1:``port`` (or to the unix socket at the path
+    ``port``) and read the answer until the server closes.
 
     Blocking: call it in a thread when the server runs in this process's reactor.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    if isinstance(port, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(port)
+    else:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    with sock:
         sock.sendall(request)
         chunks = []
         try:

@@ -19,13 +19,28 @@ from neurotrale_twisted.chunks import (
     ChunkName,
     ChunkSource,
     InfoCache,
+    RawLayout,
+    ScaleFormat,
     decode_tiff,
     read_layout,
     scale_format,
 )
 from neurotrale_twisted.errors import NotFound, ServerError
 from neurotrale_twisted.paths import DataRoot
+from neurotrale_twisted.rootfs import RootFS
 from tests.support import raw_of, write_chunk, write_info
+
+
+def decode_file(path: Path, name: ChunkName, fmt: ScaleFormat) -> bytes:
+    """:func:`decode_tiff` of the file at ``path``."""
+    with open(path, "rb") as file:
+        return decode_tiff(file, name, fmt, str(path))
+
+
+def layout_of(path: Path) -> RawLayout | None:
+    """:func:`read_layout` of the file at ``path``."""
+    with open(path, "rb") as file:
+        return read_layout(file, str(path))
 
 
 @pytest.mark.parametrize(
@@ -118,59 +133,58 @@ def test_decoded_bytes_are_raw_little_endian_x_fastest(
     )
     name = ChunkName(0, x, 0, y, 0, z)
     write_info(tmp, (x, y, z), dtype, channels)
-    fmt = scale_format(json.loads((tmp / "info").read_text()), "1_1_1", tmp)
-    assert decode_tiff(path, name, fmt) == raw_of(czyx)
+    fmt = scale_format(json.loads((tmp / "info").read_text()), "1_1_1", str(tmp / "info"))
+    assert decode_file(path, name, fmt) == raw_of(czyx)
 
 
 def test_shape_mismatch_is_a_server_error_naming_the_file(tmp_path: Path) -> None:
     write_info(tmp_path, (64, 64, 64))
     path = write_chunk(tmp_path, "1_1_1", (0, 64, 0, 64, 0, 64), np.zeros((2, 64, 64), "uint16"))
-    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", tmp_path)
+    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", str(tmp_path / "info"))
     with pytest.raises(ServerError, match=str(path)):
-        decode_tiff(path, ChunkName(0, 64, 0, 64, 0, 64), fmt)
+        decode_file(path, ChunkName(0, 64, 0, 64, 0, 64), fmt)
 
 
 def test_dtype_mismatch_is_a_server_error_naming_the_file(tmp_path: Path) -> None:
     write_info(tmp_path, (8, 8, 2), dtype="uint16")
     path = write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), np.zeros((2, 8, 8), "uint8"))
-    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", tmp_path)
+    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", str(tmp_path / "info"))
     with pytest.raises(ServerError, match="data type uint8"):
-        decode_tiff(path, ChunkName(0, 8, 0, 8, 0, 2), fmt)
+        decode_file(path, ChunkName(0, 8, 0, 8, 0, 2), fmt)
 
 
 def test_corrupt_tiff_is_a_server_error_naming_the_file(tmp_path: Path) -> None:
     write_info(tmp_path, (8, 8, 2))
     path = write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), np.zeros((2, 8, 8), "uint16"))
     path.write_bytes(path.read_bytes()[:40])
-    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", tmp_path)
+    fmt = scale_format(json.loads((tmp_path / "info").read_text()), "1_1_1", str(tmp_path / "info"))
     with pytest.raises(ServerError, match=str(path)):
-        decode_tiff(path, ChunkName(0, 8, 0, 8, 0, 2), fmt)
+        decode_file(path, ChunkName(0, 8, 0, 8, 0, 2), fmt)
 
 
 def test_missing_things_are_not_found(tmp_path: Path) -> None:
     source = ChunkSource(DataRoot(tmp_path))
     name = ChunkName(0, 8, 0, 8, 0, 2)
     with pytest.raises(NotFound):
-        source.respond(tmp_path / "nothing", "1_1_1", name)
+        source.respond(["nothing"], "1_1_1", name)
     write_info(tmp_path / "ds", (8, 8, 2))
     with pytest.raises(NotFound):
-        source.respond(tmp_path / "ds", "2_2_2", name)
+        source.respond(["ds"], "2_2_2", name)
     with pytest.raises(NotFound):
-        source.respond(tmp_path / "ds", "1_1_1", name)
+        source.respond(["ds"], "1_1_1", name)
     write_chunk(
         tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"), suffix=".tif"
     )
-    assert source.respond(tmp_path / "ds", "1_1_1", name).body == raw_of(
-        np.ones((1, 2, 8, 8), "<u2")
-    )
+    assert source.respond(["ds"], "1_1_1", name).body == raw_of(np.ones((1, 2, 8, 8), "<u2"))
 
 
 def test_info_is_reread_when_it_changes(tmp_path: Path) -> None:
     cache = InfoCache()
     write_info(tmp_path, (8, 8, 2), dtype="uint16")
-    assert cache.read(tmp_path)["data_type"] == "uint16"
-    write_info(tmp_path, (8, 8, 2), dtype="uint8")  # different size: always seen
-    assert cache.read(tmp_path)["data_type"] == "uint8"
+    with RootFS(tmp_path).root() as directory:
+        assert cache.read(directory)["data_type"] == "uint16"
+        write_info(tmp_path, (8, 8, 2), dtype="uint8")  # different size: always seen
+        assert cache.read(directory)["data_type"] == "uint8"
 
 
 def test_client_with_current_etag_skips_decoding(tmp_path: Path) -> None:
@@ -178,8 +192,8 @@ def test_client_with_current_etag_skips_decoding(tmp_path: Path) -> None:
     write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"))
     source = ChunkSource(DataRoot(tmp_path))
     name = ChunkName(0, 8, 0, 8, 0, 2)
-    first = source.respond(tmp_path, "1_1_1", name)
-    again = source.respond(tmp_path, "1_1_1", name, None, lambda etag: etag == first.etag)
+    first = source.respond([], "1_1_1", name)
+    again = source.respond([], "1_1_1", name, None, lambda etag: etag == first.etag)
     assert again.body is None and again.etag == first.etag
 
 
@@ -189,9 +203,7 @@ def test_big_endian_file_is_served_little_endian(tmp_path: Path) -> None:
     with tifffile.TiffFile(path) as tif:
         assert tif.byteorder == ">"
     write_info(tmp_path, (4, 3, 2))
-    raw = (
-        ChunkSource(DataRoot(tmp_path)).respond(tmp_path, "1_1_1", ChunkName(0, 4, 0, 3, 0, 2)).body
-    )
+    raw = ChunkSource(DataRoot(tmp_path)).respond([], "1_1_1", ChunkName(0, 4, 0, 3, 0, 2)).body
     assert raw == np.arange(24, dtype="<u2").tobytes()
 
 
@@ -201,14 +213,14 @@ def test_uncompressed_files_are_read_as_one_byte_range(tmp_path: Path) -> None:
     plain = write_chunk(tmp_path, "1_1_1", (0, 7, 0, 5, 0, 3), volume)
     packed = write_chunk(tmp_path, "1_1_1", (7, 14, 0, 5, 0, 3), volume, compression="zlib")
     swapped = write_chunk(tmp_path, "1_1_1", (14, 21, 0, 5, 0, 3), volume, byteorder=">")
-    layout = read_layout(plain)
+    layout = layout_of(plain)
     assert layout is not None and layout.shape == (3, 5, 7) and layout.nbytes == volume.nbytes
     assert plain.read_bytes()[layout.offset : layout.offset + layout.nbytes] == volume.tobytes()
-    assert read_layout(packed) is None and read_layout(swapped) is None
+    assert layout_of(packed) is None and layout_of(swapped) is None
     source = ChunkSource(DataRoot(tmp_path))
     for x0 in (0, 7, 14):
         name = ChunkName(x0, x0 + 7, 0, 5, 0, 3)
-        assert source.respond(tmp_path, "1_1_1", name).body == volume.astype("<u2").tobytes()
+        assert source.respond([], "1_1_1", name).body == volume.astype("<u2").tobytes()
 
 
 def test_cache_never_serves_a_stale_chunk(tmp_path: Path) -> None:
@@ -218,7 +230,7 @@ def test_cache_never_serves_a_stale_chunk(tmp_path: Path) -> None:
     source = ChunkSource(DataRoot(tmp_path))
     name = ChunkName(0, 8, 0, 8, 0, 2)
     for coding in (None, "zstd", "gzip"):
-        source.respond(tmp_path, "1_1_1", name, coding)
+        source.respond([], "1_1_1", name, coding)
     before = path.stat()
     # Rewritten in place with the same size, and its mtime put back, as `cp -p` does.
     replacement = tmp_path / "replacement.tiff"
@@ -227,9 +239,9 @@ def test_cache_never_serves_a_stale_chunk(tmp_path: Path) -> None:
         f.write(replacement.read_bytes())
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert path.stat().st_size == before.st_size
-    assert source.respond(tmp_path, "1_1_1", name).body == second.tobytes()
+    assert source.respond([], "1_1_1", name).body == second.tobytes()
     for coding in ("zstd", "gzip"):
-        answer = source.respond(tmp_path, "1_1_1", name, coding)
+        answer = source.respond([], "1_1_1", name, coding)
         assert answer.body is not None
         assert decompress(answer.body, answer.coding) == second.tobytes()
 

@@ -4,6 +4,7 @@ is given, and with the real one), its health check, and the Dockerfile's contrac
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import signal
 import subprocess
@@ -16,11 +17,13 @@ from types import ModuleType
 import pytest
 
 from .test_systemd import free_port
-from .test_workers import children_of, wait_for, worker_pid
+from .test_workers import children_of, self_signed, wait_for, worker_pid
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = REPO / "contrib" / "docker" / "entrypoint.sh"
 BIN = str(Path(sys.executable).parent)
+#: PYTHONPATH, kept for the real server: a checkout's code before the installed one.
+PYTHONPATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
 
 
 @pytest.fixture
@@ -124,7 +127,7 @@ def test_an_unknown_argument_fails_fast_with_a_message(tmp_path: Path) -> None:
     started = time.monotonic()
     result = subprocess.run(
         [str(ENTRYPOINT), "--workers", "2", "--frobnicate"],
-        env={"PATH": f"{BIN}:/usr/bin:/bin", "PRECOMPUTED_PATH": str(tmp_path)},
+        env={"PATH": f"{BIN}:/usr/bin:/bin", "PRECOMPUTED_PATH": str(tmp_path), **PYTHONPATH},
         capture_output=True,
         text=True,
         timeout=60,
@@ -144,35 +147,35 @@ def load_healthcheck() -> ModuleType:
     return module
 
 
-def test_the_real_server_through_the_entrypoint_and_its_healthcheck(
-    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    port = free_port()
-    log = tmp_path / "server.log"
+def start_through_entrypoint(root: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """The real server started by the entry point with ``args``, once every worker serves."""
     process = subprocess.Popen(
-        [str(ENTRYPOINT), "--workers", "2", "--port", str(port)],
+        [str(ENTRYPOINT), "--workers", "2", *args],
         env={
             "PATH": f"{BIN}:/usr/bin:/bin",
-            "PRECOMPUTED_PATH": str(demo_root),
+            "PRECOMPUTED_PATH": str(root),
             "PRECOMPUTED_LOGGING": str(log),
+            **PYTHONPATH,
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    wait_for(
+        lambda: (
+            process.poll() is not None
+            or (log.exists() and "worker 1 serving on" in log.read_text())
+        ),
+        60,
+        "the server",
+    )
+    assert process.poll() is None, log.read_text()
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server as ``docker stop`` does (SIGTERM), and see it exit cleanly."""
     try:
-        wait_for(
-            lambda: log.exists() and "worker 1 serving on" in log.read_text(), 60, "the server"
-        )
-        url = f"http://127.0.0.1:{port}"
-        with urllib.request.urlopen(url + "/healthz") as answer:
-            assert answer.status == 200
-            assert worker_pid(answer.headers) in {process.pid, *children_of(process.pid)}
-        healthcheck = load_healthcheck()
-        monkeypatch.setattr(healthcheck, "port", lambda: port)
-        assert healthcheck.main() == 0
-        monkeypatch.setattr(healthcheck, "port", lambda: free_port())
-        assert healthcheck.main() == 1
-        process.send_signal(signal.SIGTERM)  # docker stop
+        process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) in (0, -signal.SIGTERM)
     finally:
         if process.poll() is None:
@@ -180,14 +183,144 @@ def test_the_real_server_through_the_entrypoint_and_its_healthcheck(
             process.wait()
 
 
-def test_healthcheck_finds_the_port_on_the_servers_command_line(tmp_path: Path) -> None:
+def test_the_real_server_through_the_entrypoint_and_its_healthcheck(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = start_through_entrypoint(demo_root, tmp_path / "server.log", "--port", str(port))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(url + "/healthz") as answer:
+            assert answer.status == 200
+            assert worker_pid(answer.headers) in {process.pid, *children_of(process.pid)}
+        healthcheck = load_healthcheck()
+        # The entry point execs the server: its command line is the one the check reads.
+        assert healthcheck.main(f"/proc/{process.pid}/cmdline") == 0
+        elsewhere = tmp_path / "cmdline"
+        elsewhere.write_bytes(f"twistd\0neurotrale\0--port\0{free_port()}\0".encode())
+        assert healthcheck.main(str(elsewhere)) == 1
+    finally:
+        stop(process)
+    assert healthcheck.main(f"/proc/{process.pid}/cmdline") == 1  # gone
+
+
+def test_the_healthcheck_reaches_a_server_on_a_unix_socket_only(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "server.sock"
+    process = start_through_entrypoint(
+        demo_root, tmp_path / "server.log", "--listen", f"unix:{socket_path}"
+    )
     healthcheck = load_healthcheck()
-    cmdline = tmp_path / "cmdline"
-    cmdline.write_bytes(b"twistd\0--nodaemon\0neurotrale\0--listen\0tcp:9100\0")
-    assert healthcheck.port(str(cmdline)) == 9100
-    cmdline.write_bytes(b"twistd\0neurotrale\0--listen=unix:/x\0--listen=tcp:9200:interface=::\0")
-    assert healthcheck.port(str(cmdline)) == 9200
-    assert healthcheck.port(str(tmp_path / "missing")) == 9000
+    cmdline = f"/proc/{process.pid}/cmdline"
+    try:
+        assert healthcheck.probe(healthcheck.read_arguments(cmdline) or []) == (
+            "unix",
+            str(socket_path),
+            0,
+        )
+        assert healthcheck.main(cmdline) == 0
+    finally:
+        stop(process)
+    elsewhere = tmp_path / "cmdline"
+    elsewhere.write_bytes(f"twistd\0neurotrale\0--listen=unix:{socket_path}\0".encode())
+    assert healthcheck.main(str(elsewhere)) == 1  # nobody listens there any more
+
+
+def test_the_healthcheck_reaches_a_server_on_tls_only(demo_root: Path, tmp_path: Path) -> None:
+    key, cert = self_signed(tmp_path)
+    port = free_port()
+    process = start_through_entrypoint(
+        demo_root,
+        tmp_path / "server.log",
+        f"--listen=ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+    )
+    healthcheck = load_healthcheck()
+    cmdline = f"/proc/{process.pid}/cmdline"
+    try:
+        assert healthcheck.probe(healthcheck.read_arguments(cmdline) or []) == (
+            "https",
+            "127.0.0.1",
+            port,
+        )
+        assert healthcheck.main(cmdline) == 0
+        # Plain HTTP to the TLS port is not an answer.
+        plain = tmp_path / "plain"
+        plain.write_bytes(f"twistd\0neurotrale\0--listen\0tcp:{port}\0".encode())
+        assert healthcheck.main(str(plain)) == 1
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "probe"),
+    [
+        (b"twistd\0--nodaemon\0neurotrale\0--listen\0tcp:9100\0", ("http", "127.0.0.1", 9100)),
+        (
+            b"twistd\0neurotrale\0--listen=tcp:9200:interface=\\:\\:\0--listen=unix:/x\0",
+            ("http", "::1", 9200),
+        ),
+        (b"twistd\0neurotrale\0--listen=tcp6:9200\0", ("http", "::1", 9200)),
+        (
+            b"twistd\0neurotrale\0--listen=tcp:9200:interface=127.0.0.7\0",
+            ("http", "127.0.0.7", 9200),
+        ),
+        (b"twistd\0neurotrale\0--listen=unix:/x\0--listen=tcp:9200\0", ("unix", "/x", 0)),
+        (
+            b"twistd\0neurotrale\0--listen\0unix:address=/run/a\\:b.sock:mode=660\0",
+            ("unix", "/run/a:b.sock", 0),
+        ),
+        (
+            b"twistd\0neurotrale\0--listen\0systemd:domain=INET:index=0\0"
+            b"--listen\0ssl:9443:privateKey=k.pem:certKey=c.pem:interface=10.0.0.5\0",
+            ("https", "10.0.0.5", 9443),
+        ),
+        (b"twistd\0neurotrale\0--port=9300\0", ("http", "127.0.0.1", 9300)),
+        (b"twistd\0neurotrale\0--workers\04\0", ("http", "127.0.0.1", 9000)),
+        (
+            b"twistd\0neurotrale\0--listen\0systemd:domain=INET:index=0\0",
+            ("http", "127.0.0.1", 9000),
+        ),
+    ],
+)
+def test_healthcheck_finds_the_endpoint_on_the_servers_command_line(
+    tmp_path: Path, cmdline: bytes, probe: tuple[str, str, int]
+) -> None:
+    healthcheck = load_healthcheck()
+    path = tmp_path / "cmdline"
+    path.write_bytes(cmdline)
+    assert healthcheck.probe(healthcheck.read_arguments(str(path)) or []) == probe
+
+
+def test_healthcheck_without_a_command_line_asks_port_9000(tmp_path: Path) -> None:
+    healthcheck = load_healthcheck()
+    assert healthcheck.read_arguments(str(tmp_path / "missing")) is None
+    assert healthcheck.server_arguments(str(tmp_path)) == []
+    assert healthcheck.probe([]) == ("http", "127.0.0.1", 9000)
+
+
+def test_healthcheck_finds_the_server_under_an_init_process(tmp_path: Path) -> None:
+    # docker run --init: process 1 is the init, the entry point's server one of its children.
+    commands = {
+        1: b"/sbin/docker-init\0--\0/apps/entrypoint.sh\0--port\09100\0",
+        7: b"/usr/local/bin/python\0/usr/local/bin/twistd\0--nodaemon\0--pidfile=\0"
+        b"neurotrale\0--path\0/data\0--workers\0"
+        b"2\0--listen\0tcp:9100\0",
+        9: b"/usr/local/bin/python\0-c\0from neurotrale_twisted import workers\0",
+    }
+    for pid, command in commands.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(command)
+    (tmp_path / "self").mkdir()
+    healthcheck = load_healthcheck()
+    assert healthcheck.probe(healthcheck.server_arguments(str(tmp_path))) == (
+        "http",
+        "127.0.0.1",
+        9100,
+    )
+    # Without --init, process 1 is the server itself.
+    (tmp_path / "1" / "cmdline").write_bytes(b"twistd\0neurotrale\0--listen\0unix:/s\0")
+    assert healthcheck.probe(healthcheck.server_arguments(str(tmp_path))) == ("unix", "/s", 0)
 
 
 def test_dockerfile_keeps_the_contract() -> None:
@@ -200,6 +333,9 @@ def test_dockerfile_keeps_the_contract() -> None:
     user = re.findall(r"^USER (.+)$", text, re.M)
     assert user and user[-1] not in ("root", "0", "0:0")
     assert "getPlugins(IPlugin)" in text  # the plugin cache is written at build time
+    # Another --build-arg UID must not install everything again: the user comes last.
+    assert text.index("ARG UID") > text.rindex("pip install")
+    assert (REPO / ".dockerignore").exists()
     for source in re.findall(r"^COPY (?:--\S+ )*(\S+) ", text, re.M):
         assert (REPO / source).exists(), source
 

@@ -9,6 +9,7 @@ import pytest
 from twisted.application import internet
 from twisted.python import usage
 
+from neurotrale_twisted.cpus import usable_cpus
 from neurotrale_twisted.service import DEFAULT_LISTEN, Options, ThreadPoolService, makeService
 
 
@@ -23,7 +24,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     options = parse()
     assert options["path"] == str(tmp_path)
     assert options["listen"] == [DEFAULT_LISTEN] == ["tcp:9000"]
-    assert options["workers"] == 10
+    assert options["workers"] == usable_cpus()
     assert options["keep-versions"] == 20
     assert options["cors-origin"] == []
     assert not options["follow-symlinks"]

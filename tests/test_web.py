@@ -327,6 +327,7 @@ async def test_symbolic_links(serve: Callable[..., RunningServer], tmp_path: Pat
     (root / "ok").symlink_to(root / "inside.txt")
     (root / "linked").symlink_to(outside / "linked")
     strict = serve(root)
+    # Without --follow-symlinks a link is followed only while it stays inside the root.
     assert await treq.content(await treq.get(strict.url + "/ok")) == b"inside"
     for url in ("/escape/secret.txt", "/linked/info", "/linked/1_1_1/0-8_0-8_0-2"):
         response = await treq.get(strict.url + url)
@@ -335,6 +336,7 @@ async def test_symbolic_links(serve: Callable[..., RunningServer], tmp_path: Pat
     listing = await treq.content(await treq.get(strict.url + "/index.html"))
     assert b"linked" not in listing
     lenient = serve(root, follow_symlinks=True)
+    assert await treq.content(await treq.get(lenient.url + "/ok")) == b"inside"
     assert await treq.content(await treq.get(lenient.url + "/escape/secret.txt")) == b"secret"
     chunk = await treq.get(lenient.url + "/linked/1_1_1/0-8_0-8_0-2")
     assert await treq.content(chunk) == np.ones((2, 8, 8), "<u2").tobytes()

@@ -1,10 +1,11 @@
-"""Registers ``twistd neurotrale``; everything else lives in :mod:`neurotrale_twisted.service`."""
+"""Registers ``twistd neurotrale``: its command line is :mod:`neurotrale_twisted.command`,
+the service it builds :mod:`neurotrale_twisted.service`."""
 
 from twisted.application.service import ServiceMaker
 
 neurotrale = ServiceMaker(
     "NeuroTrALE precomputed server",
-    "neurotrale_twisted.service",
+    "neurotrale_twisted.command",
     "Serve Neuroglancer precomputed chunks from TIFF files and NeuroTrALE annotations.",
     "neurotrale",
 )
