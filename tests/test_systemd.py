@@ -29,6 +29,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+#: A checkout's code before the installed one, for the server.
+PYTHONPATH = os.environ.get("PYTHONPATH")
+
+
 def unit(name: str) -> configparser.RawConfigParser:
     parser = configparser.RawConfigParser(strict=False)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
@@ -94,6 +98,9 @@ def test_socket_activation_runs_the_units_command(
             f"--fdname={socket_unit['FileDescriptorName']}",
             "-E",
             f"PRECOMPUTED_LOGGING={log}",
+            # systemd-socket-activate passes on only what -E names: a checkout's code (and
+            # its twistd plugin) is found through PYTHONPATH.
+            *(["-E", f"PYTHONPATH={PYTHONPATH}"] if PYTHONPATH else []),
             *argv,
         ],
         stdout=subprocess.PIPE,
