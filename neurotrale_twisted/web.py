@@ -405,7 +405,9 @@ class Neurotrale:
                 "{method} {uri}: {message}",
                 method=request.method.decode(),
                 uri=request.uri.decode("latin-1"),
-                message=error.message,
+                message=error.message
+                if error.detail is None
+                else f"{error.message} ({error.detail})",
             )
         return error_response(request, error.status, error.message)
 
