@@ -168,6 +168,9 @@ def open_child(parent: Directory, name: str, *, create: bool, for_write: bool) -
         return None
     if stat.S_ISLNK(status.st_mode):
         raise Forbidden("writes may not leave the data root")
+    if stat.S_ISDIR(status.st_mode):
+        # Swapped back and forth while it was opened: someone is changing it right now.
+        raise NotFound(f"{parent.child_path(name)} changed while it was opened")
     raise ServerError(f"{parent.child_path(name)} is not a directory")
 
 
