@@ -46,6 +46,7 @@ from .commitlog import (
     LostRace,
     State,
     open_child,
+    read_whole,
     remove_old_temporaries,
     same_host_lock,
 )
@@ -666,7 +667,9 @@ class AnnotationStore:
             found: list[dict[str, object]] = []
             for number, opened in history.listed(self._listing_limit(state)):
                 with opened:
-                    content = opened.read_all()
+                    content = read_whole(opened)
+                if content is None:
+                    continue  # trimmed by another writer meanwhile
                 found.append(
                     {
                         "version": number,
@@ -687,8 +690,8 @@ class AnnotationStore:
             chosen: StoredFile | None = None
             for number, opened in history.listed(self._listing_limit(state)):
                 with opened:
-                    if number == version:
-                        content = opened.read_all()
+                    content = read_whole(opened) if number == version else None
+                    if content is not None:
                         chosen = StoredFile(content, etag_of(content), opened.status.st_mtime)
             if chosen is None:
                 raise NotFound(f"{path.name} has no version {version}")

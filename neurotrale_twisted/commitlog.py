@@ -51,6 +51,20 @@ STALE_AFTER = 600.0
 LOCK_TIMEOUT = 10.0
 
 
+#: errno values of a file that vanished under its reader (removed, renamed over; NFS: stale).
+VANISHED = frozenset({errno.ENOENT, errno.ESTALE})
+
+
+def read_whole(opened: OpenedFile) -> bytes | None:
+    """The content of an opened file, or None when it vanished while it was read."""
+    try:
+        return opened.read_all()
+    except OSError as e:
+        if e.errno in VANISHED:
+            return None
+        raise
+
+
 class LostRace(Exception):
     """Another writer committed the number this write wanted: re-read and re-apply."""
 
@@ -169,8 +183,11 @@ def open_child(parent: Directory, name: str, *, create: bool, for_write: bool) -
     if stat.S_ISLNK(status.st_mode):
         raise Forbidden("writes may not leave the data root")
     if stat.S_ISDIR(status.st_mode):
-        # Swapped back and forth while it was opened: someone is changing it right now.
-        raise NotFound(f"{parent.child_path(name)} changed while it was opened")
+        # Made by another writer since (or swapped back and forth): open it once more.
+        try:
+            return parent.subdir(name)
+        except NotFound:
+            raise NotFound(f"{parent.child_path(name)} changed while it was opened") from None
     raise ServerError(f"{parent.child_path(name)} is not a directory")
 
 
@@ -280,15 +297,22 @@ class History:
     def state(self) -> State:
         """The file's content now (see "What the current content is" in the protocol).
 
-        For writes, a published copy that is not a regular file is :class:`ServerError`.
+        A file that vanishes while it is read (renamed over, or trimmed, by another writer;
+        ``ESTALE`` on NFS) makes it look again. For writes, a published copy that is not a
+        regular file is :class:`ServerError`.
         """
-        head, top = self._head()
-        published = self._published()
-        try:
-            return self._decide(head, top, published)
-        finally:
-            if published is not None:
-                published.close()
+        for attempt in range(8):
+            head, top = self._head()
+            published = self._published()
+            try:
+                return self._decide(head, top, published)
+            except OSError as e:
+                if e.errno not in VANISHED or attempt == 7:
+                    raise
+            finally:
+                if published is not None:
+                    published.close()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _published(self) -> OpenedFile | None:
         if self.for_write:
