@@ -69,6 +69,23 @@ class LostRace(Exception):
     """Another writer committed the number this write wanted: re-read and re-apply."""
 
 
+class Counter:
+    """A thread-safe count of events of this process (lost races, for the figures)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self) -> None:
+        """Count one more."""
+        with self._lock:
+            self.value += 1
+
+
+#: Commits this process lost to another writer (each one re-read and re-applied).
+lost_races = Counter()
+
+
 # --- the same-host lock -----------------------------------------------------------------
 
 
@@ -421,6 +438,7 @@ class History:
             self.log.link(temporary, f"{number}.json")
         except FileExistsError:
             self.log.remove(temporary)
+            lost_races.add()
             raise LostRace() from None
         except BaseException:
             with contextlib.suppress(OSError):
@@ -448,8 +466,7 @@ class History:
             self.discard(temporary)
             number = self._republish(newer)
         else:
-            self.log.rename(temporary, self.name, target_dir=self.block)
-            self.block.sync()
+            self._rename_over(temporary)
         for _ in range(MAX_ROLLS):
             newer = self._newest_from(number)
             if newer == number:
@@ -472,13 +489,21 @@ class History:
         assert self.log is not None
         temporary = temporary_name(self.name)
         self.log.link(f"{number}.json", temporary)
+        self._rename_over(temporary)
+        return number
+
+    def _rename_over(self, temporary: str) -> None:
+        """Rename ``temporary`` over the published copy, durably; never leave it behind.
+
+        ``rename(2)`` does nothing when both names are links of one inode (another writer
+        published this very entry already): the temporary is then removed.
+        """
+        assert self.log is not None
         try:
             self.log.rename(temporary, self.name, target_dir=self.block)
-        except BaseException:
+        finally:
             self.discard(temporary)
-            raise
         self.block.sync()
-        return number
 
     def after_commit(self, head: int) -> None:
         """Make the entries older than ``head`` versions, then trim versions and the log.
