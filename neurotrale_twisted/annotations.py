@@ -792,6 +792,8 @@ class AnnotationStore:
                     # Refusals decidable now come first, so that they create nothing.
                     self._refuse_missing(directory, name, if_match, must_exist)
                 if directory is None:
+                    if not self._has_info(dataset, for_write=True):
+                        raise NotFound(f"no dataset with an info file at {'/'.join(segments)!r}")
                     if annotations is None:
                         annotations = open_child(
                             dataset, "annotations", create=True, for_write=True

@@ -15,13 +15,14 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from neurotrale_twisted import annotations as store_module
 from neurotrale_twisted import commitlog
+from neurotrale_twisted.errors import Unavailable
 from neurotrale_twisted.rootfs import temporary_name
 
 from .test_annotations import Site, canonical, point
@@ -167,3 +168,31 @@ def test_without_the_same_host_lock_the_log_alone_keeps_every_record(
     assert len(ids) == writers * per_writer
     assert len(site.store.versions(path)) == 4
     assert not [n for n in os.listdir(path.parent / ".log" / path.name) if n.startswith(".tmp-")]
+
+
+def test_a_write_that_keeps_losing_races_is_503_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = Site(tmp_path)
+    path = site.locate("x0y0z0", write=True)
+    site.store.put(path, canonical([point("a")]))
+    site.store.put(path, canonical([point("a"), point("b")]))
+    real_commit = commitlog.History.commit
+
+    def always_beaten(
+        self: commitlog.History, content: bytes, number: int, check: Callable[[], None]
+    ) -> str:
+        # Another writer commits this very number first, every time.
+        commit_by_hand(path, number, [point("other"), point(str(number))])
+        return real_commit(self, content, number, check)
+
+    monkeypatch.setattr(commitlog.History, "commit", always_beaten)
+    with pytest.raises(Unavailable) as refused:
+        site.store.patch(path, canonical(point("c")), None)
+    assert refused.value.status == 503 and "try again" in refused.value.message
+    log = path.parent / ".log" / path.name
+    assert not [n for n in os.listdir(log) if n.startswith(".tmp-")]
+    # Every attempt re-read the newest commit: what is there now is the other writer's last.
+    last = max(int(n.split(".")[0]) for n in os.listdir(log) if not n.startswith("."))
+    assert last == 2 + commitlog.MAX_ATTEMPTS
+    assert json.loads(site.store.read(path).content) == [point("other"), point(str(last))]
