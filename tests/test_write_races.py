@@ -233,23 +233,31 @@ def test_links_planted_in_the_history_are_never_served(
     log = block / ".log" / "planted.json"
     real = {v: request(f"{url}?version={v}", "GET") for v in (1, 2)}
     assert real[1][0] == 200 and real[2][0] == 200
-    # Version 1 replaced by a link, a new version 9 as a link, a link as the log's next entry.
+    # Version 1 replaced by a link, a new version 9 as a link, a file with only a link.
     (versions / "1.json").unlink()
     (versions / "1.json").symlink_to(secret)
     (versions / "9.json").symlink_to(secret)
     (block / ".versions" / "other.json").mkdir()
     (block / ".versions" / "other.json" / "1.json").symlink_to(secret)
-    (log / "4.json").symlink_to(secret)
-    served = [request(f"{url}?version={v}", "GET") for v in (1, 2, 3, 4, 9)] + [
-        request(f"{url}?versions", "GET"),
-        request(url, "GET"),
-        request(f"{server.url}/{BLOCK}/other.json?version=1", "GET"),
-    ]
+
+    def everything() -> list[tuple[int, bytes]]:
+        return [request(f"{url}?version={v}", "GET") for v in (1, 2, 3, 4, 9)] + [
+            request(f"{url}?versions", "GET"),
+            request(url, "GET"),
+            request(f"{server.url}/{BLOCK}/other.json?version=1", "GET"),
+            request(f"{server.url}/{BLOCK}/other.json?versions", "GET"),
+        ]
+
+    served = everything()
     assert all(b"the server key" not in body for _, body in served), served
     assert served[1] == real[2]  # the real version 2 is still served
     assert served[4][0] == 404  # 9: a link, and newer than the head
-    assert served[7][0] == 404
+    assert served[7][0] == 404 and served[8][0] == 404
     assert json.loads(served[6][1]) == [point("2")]
+    # A link as the log's next entry is not read either.
+    log.mkdir(parents=True, exist_ok=True)
+    (log / "4.json").symlink_to(secret)
+    assert everything() == served
     # The next write does not follow the planted entry either: it takes the next number.
     assert request(url, "PATCH", json.dumps(point("x")).encode())[0] == 200
     assert secret.read_text() == '["the server key"]'
