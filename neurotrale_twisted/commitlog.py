@@ -216,13 +216,18 @@ def entry_numbers(directory: Directory | None) -> list[int]:
 
 
 def _open_regular(directory: Directory | None, name: str) -> OpenedFile | None:
-    """Regular file ``name`` opened for reading (never through a link), or None."""
+    """Regular file ``name`` opened for reading (never through a link), or None (also when
+    it vanishes while it is opened)."""
     if directory is None:
         return None
     try:
         return directory.open_file(name)
     except NotFound:
         return None
+    except OSError as e:
+        if e.errno in VANISHED:  # removed between its open and its fstat (FUSE, NFS)
+            return None
+        raise
 
 
 # --- the state of a file ----------------------------------------------------------------
