@@ -378,15 +378,23 @@ class AnnotationStore:
     Safe for any number of threads, worker processes and hosts sharing the files (see
     ``docs/commit-protocol.md``). Paths given to and returned by it are names only: every
     access walks from the data root's handle (:mod:`.rootfs`), never following a link for a
-    write. ``keep_versions`` is how many replaced contents are kept per file (0 keeps none).
+    write. ``keep_versions`` is how many replaced contents are kept per file (0 keeps none);
+    ``on_retry`` is told of each commit lost to another writer (for the metrics).
     Raises ``ValueError`` for a negative ``keep_versions``.
     """
 
-    def __init__(self, root: DataRoot, keep_versions: int = 20) -> None:
+    def __init__(
+        self,
+        root: DataRoot,
+        keep_versions: int = 20,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
         if keep_versions < 0:
             raise ValueError("keep_versions may not be negative")
         self.root = root
         self.keep_versions = keep_versions
+        #: Told each time a commit is lost to another writer and re-applied (for the metrics).
+        self.on_retry = on_retry
 
     # -- names and walking ----------------------------------------------------------------
 
@@ -863,6 +871,8 @@ class AnnotationStore:
                         number += 1
                     temporary = history.commit(new, number, check_place)
                 except LostRace:
+                    if self.on_retry is not None:
+                        self.on_retry()
                     if attempt >= 2:
                         time.sleep(random.uniform(0, 0.002 * min(attempt, 25)))
                     continue

@@ -161,7 +161,9 @@ class Neurotrale:
         self.reactor = reactor
         self.metrics = metrics or ServerMetrics()
         self.chunks = ChunkSource(root, cache_bytes=cache_bytes, observer=self.metrics)
-        self.annotations = AnnotationStore(root, keep_versions=keep_versions)
+        self.annotations = AnnotationStore(
+            root, keep_versions=keep_versions, on_retry=self.metrics.commit_retried
+        )
         self.cors = cors or CorsPolicy()
 
     def resource(self) -> IResource:
