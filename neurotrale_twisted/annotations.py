@@ -1,4 +1,4 @@
-"""Annotation files: block resolution, record validation, locked atomic writes, versions.
+"""Annotation files: block resolution, record validation, and the store that writes them.
 
 An annotation file is ``{dataset}/annotations/{blockdir}/{name}.json``, a JSON array of
 records (see the contract's "Annotations" section). This module is pure Python and blocking:
@@ -9,34 +9,60 @@ server can do:
 
 * everything is validated before anything on disk is touched, so a refused write leaves the
   file byte-identical and creates nothing (no directory, lock file or version);
-* writes to one file are serialised across threads (a :class:`threading.Lock` per file) and
-  across processes (``fcntl.lockf`` on a dot lock file beside it), for the whole
-  read-modify-write;
-* the new content goes to a temporary dot-file in the same directory, is fsynced, renamed
-  over the file and the directory is fsynced, so readers see the old file or the new one;
-* the replaced content is kept as a numbered version in ``{blockdir}/.versions/{name}/``.
+* every access walks from the data root's directory handle without following links
+  (:mod:`.rootfs`), and is made relative to the handles walked: a directory swapped for a
+  link during a write makes it fail, never reach outside the root;
+* a write commits by linking a complete, fsynced temporary as the next entry of the file's
+  log, then renames it over the file (:mod:`.commitlog`, ``docs/commit-protocol.md``): that
+  holds between hosts whose ``fcntl`` locks are not shared; the same-host lock only makes
+  lost races rare;
+* the replaced contents become numbered versions in ``{blockdir}/.versions/{name}/`` after
+  the fact: a failed write leaves no version and evicts nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
+import random
 import re
-import secrets
 import stat
-import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
-from .errors import BadRequest, NotFound, PreconditionFailed, ServerError
+from twisted.logger import Logger
+
+from .commitlog import (
+    MAX_ATTEMPTS,
+    History,
+    LostRace,
+    State,
+    open_child,
+    read_whole,
+    remove_old_temporaries,
+    same_host_lock,
+)
+from .errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    ServerError,
+    StorageFull,
+    Unavailable,
+)
 from .paths import DataRoot, clean_segments
+from .rootfs import Directory
+
+log = Logger()
 
 __all__ = [
     "ANNOTATION_NAME",
@@ -57,11 +83,6 @@ ANNOTATION_NAME: re.Pattern[str] = re.compile(r"^(?!\.)(?!.*\.\.)[A-Za-z0-9_.-]{
 _BLOCK_POINT = re.compile(r"^x(-?[0-9]+)y(-?[0-9]+)z(-?[0-9]+)\Z")
 #: A block directory named the legacy way: ``x{i+1:04d}_y{j+1:04d}``.
 _LEGACY_BLOCK = re.compile(r"^x[0-9]{4}_y[0-9]{4}\Z")
-#: A kept version inside ``.versions/{name}/``.
-_VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.json\Z")
-
-_VERSIONS_DIR = ".versions"
-_TMP_MARK = ".tmp-"
 
 _TYPES = ("point", "polygon", "linestring", "line", "axis_aligned_bounding_box", "ellipsoid")
 _NEEDS_POINTS = frozenset({"polygon", "linestring"})
@@ -335,166 +356,6 @@ def _if_match_allows(if_match: str, current: bytes | None) -> bool:
     return False
 
 
-# --- locking ----------------------------------------------------------------------------
-
-
-class _FileLock:
-    """A thread lock for one file, with the number of threads using or waiting for it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.users = 0
-
-
-_registry_guard = threading.Lock()
-_file_locks: dict[str, _FileLock] = {}
-
-
-def _reset_after_fork() -> None:
-    # A forked child has only the forking thread: locks held by the parent's other threads
-    # would never be released there.
-    global _registry_guard, _file_locks
-    _registry_guard = threading.Lock()
-    _file_locks = {}
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-@contextlib.contextmanager
-def _thread_lock(key: str) -> Iterator[None]:
-    """Hold the process-wide thread lock of ``key``; entries vanish when unused."""
-    with _registry_guard:
-        entry = _file_locks.get(key)
-        if entry is None:
-            entry = _file_locks[key] = _FileLock()
-        entry.users += 1
-    try:
-        with entry.lock:
-            yield
-    finally:
-        with _registry_guard:
-            entry.users -= 1
-            if entry.users == 0:
-                del _file_locks[key]
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold the exclusive lock of annotation file ``path`` against threads and processes.
-
-    POSIX record locks belong to the process, not the thread, and closing any descriptor of
-    the lock file drops them; the thread lock, keyed by the resolved path, comes first so
-    that only one thread of this process ever has the lock file open.
-    """
-    key = os.path.join(os.path.realpath(path.parent), path.name)
-    with _thread_lock(key):
-        lock_path = path.parent / f".{path.name}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-
-# --- small file-system helpers ----------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (a rename, a new name) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some file systems cannot fsync a directory; the rename is still atomic there.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, content: bytes, mode: int | None) -> None:
-    """Atomically replace ``path`` with ``content`` (temporary dot-file, fsync, rename).
-
-    ``mode`` is the permission bits to give the file (those of the file it replaces), or
-    None for the default. The caller holds the file's lock, so no other temporary file of
-    this name is live. Raises ``OSError`` and leaves ``path`` as it was on failure.
-    """
-    tmp = _temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        try:
-            if mode is not None:
-                os.fchmod(fd, mode)
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _temporary_name(target: Path) -> Path:
-    """A fresh name for a temporary file that will be renamed to ``target``."""
-    return target.parent / f".{target.name}{_TMP_MARK}{secrets.token_hex(8)}"
-
-
-def _temporaries_of(name: str) -> re.Pattern[str]:
-    """The names :func:`_temporary_name` gives for ``name``, and those of no other name."""
-    return re.compile(r"\." + re.escape(name) + re.escape(_TMP_MARK) + r"[0-9a-f]{16}\Z")
-
-
-#: Every temporary file inside a versions directory.
-_VERSION_TEMPORARY = re.compile(r"\..*" + re.escape(_TMP_MARK) + r"[0-9a-f]{16}\Z")
-
-
-def _remove_stale_temporaries(directory: Path, pattern: re.Pattern[str]) -> None:
-    """Remove the temporary files matching ``pattern`` that a writer that died left behind.
-
-    Called with the file's lock held: no live writer has such a file then.
-    """
-    try:
-        with os.scandir(directory) as entries:
-            stale = [e.path for e in entries if e.name.startswith(".") and pattern.match(e.name)]
-    except FileNotFoundError:
-        return
-    for name in stale:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-
-
-def _read_bytes(path: Path) -> tuple[bytes, os.stat_result]:
-    """The content and the status of a file, read through one descriptor.
-
-    Raises ``FileNotFoundError``, ``IsADirectoryError`` or ``NotADirectoryError`` as
-    ``open`` does.
-    """
-    with open(path, "rb") as f:
-        status = os.fstat(f.fileno())
-        if stat.S_ISDIR(status.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-        return f.read(), status
-
-
-def _is_dir(path: Path) -> bool:
-    """Whether ``path`` is a directory (through links); False for any name the OS refuses."""
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
 def _count_records(content: bytes) -> int:
     try:
         data = json.loads(content)
@@ -503,22 +364,139 @@ def _count_records(content: bytes) -> int:
     return len(data) if isinstance(data, list) else 0
 
 
+def _iso(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 # --- the store --------------------------------------------------------------------------
 
 
 class AnnotationStore:
     """Annotation files of the datasets under a :class:`DataRoot`: find, read, write, undo.
 
-    Thread-safe and process-safe: any number of threads and worker processes may use stores
-    over the same files at once. ``keep_versions`` is how many replaced contents are kept
-    per file (0 keeps none). Raises ``ValueError`` for a negative ``keep_versions``.
+    Safe for any number of threads, worker processes and hosts sharing the files (see
+    ``docs/commit-protocol.md``). Paths given to and returned by it are names only: every
+    access walks from the data root's handle (:mod:`.rootfs`), never following a link for a
+    write. ``keep_versions`` is how many replaced contents are kept per file (0 keeps none);
+    ``on_retry`` is told of each commit lost to another writer (for the metrics).
+    Raises ``ValueError`` for a negative ``keep_versions``.
     """
 
-    def __init__(self, root: DataRoot, keep_versions: int = 20) -> None:
+    def __init__(
+        self,
+        root: DataRoot,
+        keep_versions: int = 20,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
         if keep_versions < 0:
             raise ValueError("keep_versions may not be negative")
         self.root = root
         self.keep_versions = keep_versions
+        #: Told each time a commit is lost to another writer and re-applied (for the metrics).
+        self.on_retry = on_retry
+
+    # -- names and walking ----------------------------------------------------------------
+
+    def _segments(self, path: Path, *, for_write: bool) -> list[str]:
+        """``path``'s components below the data root, found lexically (no disk access)."""
+        try:
+            parts = list(path.relative_to(self.root.root).parts)
+        except ValueError:
+            if for_write:
+                raise Forbidden("writes may not leave the data root") from None
+            raise NotFound("not found") from None
+        if any(p in ("", ".", "..") or "\x00" in p for p in parts):
+            raise BadRequest("bad path")
+        return parts
+
+    def _file_parts(self, path: Path, *, for_write: bool) -> tuple[list[str], str, str]:
+        """(dataset segments, block directory, file name) of an annotation file's path."""
+        parts = self._segments(path, for_write=for_write)
+        if len(parts) < 4 or parts[-3] != "annotations":
+            raise BadRequest("not the path of an annotation file")
+        if not ANNOTATION_NAME.match(parts[-1]):
+            raise BadRequest(f"bad annotation file name {_quoted(parts[-1])}")
+        return parts[:-3], parts[-2], parts[-1]
+
+    def _enter(self, parent: Directory, name: str, *, for_write: bool) -> Directory | None:
+        """Subdirectory ``name`` of ``parent`` or None; a read follows a link if allowed.
+
+        For writes a link is :class:`Forbidden` and a non-directory :class:`ServerError`.
+        """
+        if not for_write and self.root.follow_symlinks:
+            try:
+                return parent.subdir(name, follow=True)
+            except NotFound:
+                return None
+        return open_child(parent, name, create=False, for_write=for_write)
+
+    def _open_dataset(self, segments: list[str], *, for_write: bool) -> Directory:
+        """The dataset directory, walked from the root; :class:`NotFound` without ``info``."""
+        where = "/".join(segments)
+        current = self.root.fs.root()
+        try:
+            for name in segments:
+                child = self._enter(current, name, for_write=for_write)
+                current.close()
+                if child is None:
+                    raise NotFound(f"no dataset with an info file at {where!r}")
+                current = child
+            if not self._has_info(current, for_write=for_write):
+                raise NotFound(f"no dataset with an info file at {where!r}")
+        except BaseException:
+            current.close()
+            raise
+        return current
+
+    def _has_info(self, dataset: Directory, *, for_write: bool) -> bool:
+        status = dataset.stat("info", follow=self.root.follow_symlinks and not for_write)
+        return status is not None and stat.S_ISREG(status.st_mode)
+
+    def _open_block_for_read(self, segments: list[str], block: str) -> Directory:
+        """The block directory for a read (links followed where the operator allows)."""
+        return self.root.fs.open_dir([*segments, "annotations", block])
+
+    def _check_place(self, segments: list[str], block: str, held: Directory) -> None:
+        """Raise :class:`NotFound` unless the root still leads to ``held`` through the path.
+
+        Run just before a commit: a dataset moved away (or whose ``info`` is gone), or an
+        ``annotations`` or block directory swapped since the write began, fails the write.
+        """
+        gone = NotFound(f"{held.relative} was moved or replaced during the write")
+        try:
+            with self._open_dataset(segments, for_write=True) as dataset:
+                annotations = open_child(dataset, "annotations", create=False, for_write=True)
+                if annotations is None:
+                    raise gone
+                with annotations:
+                    current = open_child(annotations, block, create=False, for_write=True)
+                    if current is None:
+                        raise gone
+                    with current:
+                        if current.identity() != held.identity():
+                            raise gone
+        except (NotFound, Forbidden, ServerError):
+            raise gone from None
+
+    @contextlib.contextmanager
+    def _disk_errors(self, where: str) -> Iterator[None]:
+        """Turn an ``OSError`` into :class:`StorageFull` (507) or :class:`ServerError` (500).
+
+        The client's message names ``where`` (relative to the data root), never an absolute
+        path; the log gets the absolute one and the system's message.
+        """
+        try:
+            yield
+        except OSError as e:
+            detail = f"{os.path.join(self.root.root, where)}: {e!r}"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(
+                    f"no space left to write {where} (the disk is full or over quota); "
+                    "nothing was changed",
+                    detail=detail,
+                ) from e
+            raise ServerError(f"cannot access {where}: {e.strerror or e}", detail=detail) from e
 
     # -- finding the file -----------------------------------------------------------------
 
@@ -528,17 +506,20 @@ class AnnotationStore:
         Follows the contract's block resolution: an existing ``annotations/{block}``
         directory; else the block of ``block_info.csv`` that holds the point, under either
         naming; else, for writes only, a directory for the write to create, named as the
-        dataset already names its blocks. Nothing is created here.
+        dataset already names its blocks. Nothing is created here. The path is a name: the
+        reads and writes that take it walk from the data root again.
 
         Raises :class:`BadRequest` for a bad file or block name, or (writes) a point outside
         the volume or a block name that is not ``x{X}y{Y}z{Z}``; :class:`NotFound` (reads)
         when no directory matches, and for reads and writes alike when ``dataset`` is no
-        dataset (has no ``info`` file); :class:`Forbidden` (writes) when a path would leave
-        the data root; :class:`ServerError` when ``block_info.csv`` or ``info`` is unreadable.
+        dataset (has no ``info`` file); :class:`Forbidden` (writes) when a path would pass
+        through a link; :class:`ServerError` when ``block_info.csv`` or ``info`` is unreadable.
         """
-        with self._disk_errors():
-            if not (dataset / "info").is_file():
-                raise NotFound(f"no dataset with an info file at {self._relative(dataset)!r}")
+        segments = self._segments(dataset, for_write=for_write)
+        with (
+            self._disk_errors("/".join(segments)),
+            self._open_dataset(segments, for_write=for_write) as directory,
+        ):
             if not ANNOTATION_NAME.match(name):
                 raise BadRequest(
                     f"bad annotation file name {_quoted(name)}: use letters, digits, '-', '_' and "
@@ -546,15 +527,15 @@ class AnnotationStore:
                 )
             if clean_segments([block]) != [block]:
                 raise BadRequest(f"bad block name {_quoted(block)}")
-            check = self.root.check_writable if for_write else self.root.check_readable
-            annotations = dataset / "annotations"
-            check(annotations)
+            dirname = self._block_dirname(directory, block, for_write=for_write)
+            return dataset / "annotations" / dirname / name
 
-            literal = annotations / block
-            if _is_dir(literal):
-                return self._checked(literal / name, check)
-
-            size = self._block_size(annotations, check)
+    def _block_dirname(self, dataset: Directory, block: str, *, for_write: bool) -> str:
+        annotations = self._enter(dataset, "annotations", for_write=for_write)
+        try:
+            if annotations is not None and self._is_block(annotations, block, for_write):
+                return block
+            size = self._block_size(annotations) if annotations is not None else None
             match = _BLOCK_POINT.match(block)
             point = (int(match[1]), int(match[2]), int(match[3])) if match else None
             index: tuple[int, int, int] | None = None
@@ -565,10 +546,10 @@ class AnnotationStore:
                 except BadRequest as e:
                     raise e if for_write else NotFound(e.message) from None
                 index = (point[0] // size[0], point[1] // size[1], point[2] // size[2])
+                assert annotations is not None
                 for candidate in (_block_dir_name(index), _legacy_dir_name(index)):
-                    directory = annotations / candidate
-                    if _is_dir(directory):
-                        return self._checked(directory / name, check)
+                    if self._is_block(annotations, candidate, for_write):
+                        return candidate
 
             if not for_write:
                 raise NotFound(f"no annotation block {block} in this dataset")
@@ -578,39 +559,37 @@ class AnnotationStore:
                 )
             if index is None:  # with a block size, the point was checked above
                 self._check_inside(dataset, point)
-            if index is not None:
-                legacy = self._uses_legacy_names(annotations)
-                dirname = _legacy_dir_name(index) if legacy else _block_dir_name(index)
-            else:
                 if block != _block_dir_name(point):
                     raise BadRequest(
                         f"block {_quoted(block)} does not exist; write it as "
                         f"{_block_dir_name(point)} (no leading zeros)"
                     )
-                dirname = block
-            return self._checked(annotations / dirname / name, check)
+                return block
+            assert annotations is not None
+            legacy = self._uses_legacy_names(annotations)
+            return _legacy_dir_name(index) if legacy else _block_dir_name(index)
+        finally:
+            if annotations is not None:
+                annotations.close()
 
-    @staticmethod
-    def _checked(path: Path, check: Callable[[Path], None]) -> Path:
-        check(path.parent)
-        check(path)
-        return path
+    def _is_block(self, annotations: Directory, name: str, for_write: bool) -> bool:
+        directory = self._enter(annotations, name, for_write=for_write)
+        if directory is None:
+            return False
+        directory.close()
+        return True
 
-    def _block_size(
-        self, annotations: Path, check: Callable[[Path], None]
-    ) -> tuple[int, int, int] | None:
+    def _block_size(self, annotations: Directory) -> tuple[int, int, int] | None:
         """The block size of ``annotations/block_info.csv``, read afresh; None without one.
 
         Tolerates a header line, blank lines, whitespace and ``#`` comments. Raises
         :class:`ServerError` when the file exists but gives no block size.
         """
-        csv = annotations / "block_info.csv"
         try:
-            check(csv)
-            text = csv.read_bytes().decode("utf-8", "replace")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raw, _ = annotations.read_file("block_info.csv", follow=self.root.follow_symlinks)
+        except NotFound:
             return None
-        for line in text.splitlines():
+        for line in raw.decode("utf-8", "replace").splitlines():
             line = line.strip().lstrip("\ufeff")
             if not line or line.startswith("#"):
                 continue
@@ -623,20 +602,18 @@ class AnnotationStore:
                 continue  # a header line
             if all(math.isfinite(n) and n >= 1 and n == int(n) for n in numbers):
                 return int(numbers[0]), int(numbers[1]), int(numbers[2])
-        raise ServerError(f"{self._relative(csv)} does not give a block size 'sx,sy,sz'")
+        csv = annotations.child_path("block_info.csv")
+        raise ServerError(f"{csv} does not give a block size 'sx,sy,sz'")
 
-    def _check_inside(self, dataset: Path, point: tuple[int, int, int]) -> None:
-        """Raise :class:`BadRequest` unless ``point`` lies in the volume of ``info``.
-
-        ``locate`` has already made sure that ``dataset`` has an ``info`` file.
-        """
-        info = dataset / "info"
+    def _check_inside(self, dataset: Directory, point: tuple[int, int, int]) -> None:
+        """Raise :class:`BadRequest` unless ``point`` lies in the volume of ``info``."""
         try:
-            size = json.loads(info.read_bytes())["scales"][0]["size"]
+            raw, _ = dataset.read_file("info", follow=self.root.follow_symlinks)
+            size = json.loads(raw)["scales"][0]["size"]
             bounds = (int(size[0]), int(size[1]), int(size[2]))
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        except (NotFound, OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise ServerError(
-                f"{self._relative(info)} gives no volume size (scales[0].size)"
+                f"{dataset.child_path('info')} gives no volume size (scales[0].size)"
             ) from e
         if any(not 0 <= p < s for p, s in zip(point, bounds, strict=True)):
             raise BadRequest(
@@ -645,46 +622,48 @@ class AnnotationStore:
             )
 
     @staticmethod
-    def _uses_legacy_names(annotations: Path) -> bool:
-        try:
-            with os.scandir(annotations) as entries:
-                return any(_LEGACY_BLOCK.match(e.name) and e.is_dir() for e in entries)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-
-    def _relative(self, path: str | os.PathLike[str]) -> str:
-        """``path`` as the operator and the client may see it: relative to the data root."""
-        try:
-            return str(Path(path).relative_to(self.root.root))
-        except ValueError:
-            return Path(path).name
-
-    @contextlib.contextmanager
-    def _disk_errors(self) -> Iterator[None]:
-        """Turn an unexpected ``OSError`` (disk full, permissions, no locks) into ServerError.
-
-        The message names the file relative to the root, never an absolute path.
-        """
-        try:
-            yield
-        except OSError as e:
-            where = self._relative(e.filename) if isinstance(e.filename, str) else "a file"
-            raise ServerError(f"cannot access {where}: {e.strerror or e}") from e
+    def _uses_legacy_names(annotations: Directory) -> bool:
+        return any(
+            _LEGACY_BLOCK.match(e.name) and e.is_dir(follow_symlinks=False)
+            for e in annotations.entries()
+        )
 
     # -- reading --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _history_for_read(self, path: Path) -> Iterator[tuple[History, State]]:
+        segments, block, name = self._file_parts(path, for_write=False)
+        where = "/".join([*segments, "annotations", block, name])
+        with (
+            self._disk_errors(where),
+            self._open_block_for_read(segments, block) as directory,
+            History(
+                directory,
+                name,
+                self.keep_versions,
+                for_write=False,
+                follow=self.root.follow_symlinks,
+            ) as history,
+        ):
+            yield history, history.state()
 
     def read(self, path: Path) -> StoredFile:
         """The current content of annotation file ``path``, with its ETag and mtime.
 
-        Raises :class:`NotFound` when it is missing (or not a file, or out of bounds).
+        The current content is the newest commit when the file on disk lags behind it (a
+        writer died between committing and publishing). Raises :class:`NotFound` when it is
+        missing (or not a regular file, or out of bounds).
         """
-        with self._disk_errors():
-            self.root.check_readable(path)
-            try:
-                content, status = _read_bytes(path)
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raise NotFound(f"{path.name} does not exist") from None
-            return StoredFile(content=content, etag=etag_of(content), modified=status.st_mtime)
+        with self._history_for_read(path) as (_, state):
+            if state.content is None:
+                raise NotFound(f"{path.name} does not exist")
+            return StoredFile(state.content, etag_of(state.content), state.modified)
+
+    @staticmethod
+    def _listing_limit(state: State) -> int:
+        # Versions are the entries older than the current content: the head, unless the file
+        # on disk is an edit not yet in the log (then the head was replaced by it too).
+        return state.next if state.kind == "foreign" else state.head
 
     def versions(self, path: Path) -> list[dict[str, object]]:
         """The kept versions of ``path``, newest first.
@@ -692,42 +671,39 @@ class AnnotationStore:
         Each is ``{"version": N, "modified": ISO 8601 UTC time, "size": bytes, "count":
         records}``. Raises :class:`NotFound` when the file has no versions and does not exist.
         """
-        with self._disk_errors():
-            directory = self._versions_dir(path)
-            self.root.check_readable(directory)
+        with self._history_for_read(path) as (history, state):
             found: list[dict[str, object]] = []
-            for number in sorted(self._version_numbers(directory), reverse=True):
-                try:
-                    content, status = _read_bytes(directory / f"{number}.json")
-                except (FileNotFoundError, IsADirectoryError):
-                    continue  # trimmed meanwhile
-                modified = datetime.fromtimestamp(status.st_mtime, tz=timezone.utc)
+            for number, opened in history.listed(self._listing_limit(state)):
+                with opened:
+                    content = read_whole(opened)
+                if content is None:
+                    continue  # trimmed by another writer meanwhile
                 found.append(
                     {
                         "version": number,
-                        "modified": modified.isoformat(timespec="milliseconds").replace(
-                            "+00:00", "Z"
-                        ),
+                        "modified": _iso(opened.status.st_mtime),
                         "size": len(content),
                         "count": _count_records(content),
                     }
                 )
-            if not found and not path.is_file():
+            if not found and state.content is None:
                 raise NotFound(f"{path.name} does not exist")
             return found
 
     def read_version(self, path: Path, version: int) -> StoredFile:
         """The content of version ``version`` of ``path``. Raises :class:`NotFound` if gone."""
-        with self._disk_errors():
-            directory = self._versions_dir(path)
-            self.root.check_readable(directory)
-            if not 1 <= version < 10**18:
+        if not 1 <= version < 10**18:
+            raise NotFound(f"{path.name} has no version {version}")
+        with self._history_for_read(path) as (history, state):
+            chosen: StoredFile | None = None
+            for number, opened in history.listed(self._listing_limit(state)):
+                with opened:
+                    content = read_whole(opened) if number == version else None
+                    if content is not None:
+                        chosen = StoredFile(content, etag_of(content), opened.status.st_mtime)
+            if chosen is None:
                 raise NotFound(f"{path.name} has no version {version}")
-            try:
-                content, status = _read_bytes(directory / f"{version}.json")
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raise NotFound(f"{path.name} has no version {version}") from None
-            return StoredFile(content=content, etag=etag_of(content), modified=status.st_mtime)
+            return chosen
 
     # -- writing --------------------------------------------------------------------------
 
@@ -736,7 +712,7 @@ class AnnotationStore:
 
         The records are stored re-serialised as compact UTF-8 JSON. Raises
         :class:`BadRequest` for an invalid body, :class:`PreconditionFailed` when
-        ``if_match`` does not match, :class:`Forbidden` when the path leaves the data root.
+        ``if_match`` does not match, :class:`Forbidden` when the path passes through a link.
         """
         records = parse_records(body)
         content = self._serialise(records)
@@ -754,14 +730,15 @@ class AnnotationStore:
         The id is ``record_id`` (the ``?id=`` parameter) or else the body's ``id``; the body
         is one record. Raises :class:`BadRequest` for an invalid body, no id or two different
         ids, :class:`PreconditionFailed` when ``if_match`` does not match,
-        :class:`Forbidden` when the path leaves the data root, and :class:`ServerError` when
+        :class:`Forbidden` when the path passes through a link, and :class:`ServerError` when
         the stored file is not a JSON array.
         """
         record, rid = _parse_patch(body, record_id)
         self._serialise([record])  # refuse an unstorable record before touching anything
+        where = path.name
 
         def change(old: bytes | None) -> tuple[bytes, int]:
-            records = self._stored_records(path, old) if old is not None else []
+            records = self._stored_records(where, old) if old is not None else []
             for i, existing in enumerate(records):
                 if isinstance(existing, dict) and existing.get("id") == rid:
                     records[i] = record
@@ -782,11 +759,12 @@ class AnnotationStore:
         if record_id is None or record_id == "":
             raise BadRequest("DELETE needs the id of the record to remove (?id=)")
         rid = record_id
+        where = path.name
 
         def change(old: bytes | None) -> tuple[bytes, int]:
             if old is None:
                 raise NotFound(f"{path.name} does not exist")
-            records = self._stored_records(path, old)
+            records = self._stored_records(where, old)
             kept = [r for r in records if not (isinstance(r, dict) and r.get("id") == rid)]
             if len(kept) == len(records):
                 raise NotFound(f"{path.name} has no record with id {_quoted(rid)}")
@@ -803,65 +781,128 @@ class AnnotationStore:
         record_id: str | None,
         must_exist: bool,
     ) -> WriteResult:
-        """The locked read-modify-write shared by every write.
+        """The read-modify-commit shared by every write (``docs/commit-protocol.md``).
 
         ``change`` gets the current content (None when the file is missing) and returns the
-        new content and its record count; it is called with the lock held.
+        new content and its record count; it runs again after each lost race.
         """
-        with self._disk_errors():
-            if not ANNOTATION_NAME.match(path.name):
-                raise BadRequest(f"bad annotation file name {_quoted(path.name)}")
-            self.root.check_writable(path.parent)
-            self.root.check_writable(path)
-            # Refusals decidable without the lock come first, so that they create nothing.
-            if (if_match is not None or must_exist) and not path.is_file():
-                if must_exist:
-                    raise NotFound(f"{path.name} does not exist")
-                raise PreconditionFailed(f"If-Match given but {path.name} does not exist")
+        segments, block, name = self._file_parts(path, for_write=True)
+        where = "/".join([*segments, "annotations", block, name])
+        with self._disk_errors(where), self._open_dataset(segments, for_write=True) as dataset:
+            annotations = open_child(dataset, "annotations", create=False, for_write=True)
+            directory = (
+                open_child(annotations, block, create=False, for_write=True)
+                if annotations is not None
+                else None
+            )
+            try:
+                if directory is None or directory.lstat(name) is None:
+                    # Refusals decidable now come first, so that they create nothing.
+                    self._refuse_missing(directory, name, if_match, must_exist)
+                if directory is None:
+                    if not self._has_info(dataset, for_write=True):
+                        raise NotFound(f"no dataset with an info file at {'/'.join(segments)!r}")
+                    if annotations is None:
+                        annotations = open_child(
+                            dataset, "annotations", create=True, for_write=True
+                        )
+                    assert annotations is not None
+                    directory = open_child(annotations, block, create=True, for_write=True)
+                assert directory is not None
+                return self._commit(
+                    segments, block, directory, name, if_match, change, record_id, must_exist
+                )
+            finally:
+                for handle in (directory, annotations):
+                    if handle is not None:
+                        handle.close()
 
-            self._make_dirs(path.parent)
-            with _file_lock(path):
-                _remove_stale_temporaries(path.parent, _temporaries_of(path.name))
-                old, mode = self._read_current(path)
-                if if_match is not None and not _if_match_allows(if_match, old):
-                    raise PreconditionFailed(f"{path.name} has changed (If-Match does not match)")
-                new, count = change(old)
+    def _refuse_missing(
+        self, directory: Directory | None, name: str, if_match: str | None, must_exist: bool
+    ) -> None:
+        """Refuse a DELETE or an ``If-Match`` write of a file that does not exist."""
+        if not (must_exist or if_match is not None):
+            return
+        if directory is not None:
+            with History(directory, name, self.keep_versions, for_write=True) as history:
+                if history.state().content is not None:
+                    return  # committed, not yet published
+        if must_exist:
+            raise NotFound(f"{name} does not exist")
+        raise PreconditionFailed(f"If-Match given but {name} does not exist")
+
+    def _commit(
+        self,
+        segments: list[str],
+        block: str,
+        directory: Directory,
+        name: str,
+        if_match: str | None,
+        change: Callable[[bytes | None], tuple[bytes, int]],
+        record_id: str | None,
+        must_exist: bool,
+    ) -> WriteResult:
+        def check_place() -> None:
+            self._check_place(segments, block, directory)
+
+        with (
+            same_host_lock(directory, name),
+            History(directory, name, self.keep_versions, for_write=True) as history,
+        ):
+            history.remove_stale_temporaries(time.time())
+            for attempt in range(MAX_ATTEMPTS):
+                state = history.state()
+                if state.content is None and must_exist:
+                    raise NotFound(f"{name} does not exist")
+                if if_match is not None and not _if_match_allows(if_match, state.content):
+                    raise PreconditionFailed(f"{name} has changed (If-Match does not match)")
+                new, count = change(state.content)
                 etag = etag_of(new)
-                if new == old:
-                    return WriteResult(path.name, etag, False, count, record_id)
-                if old is not None:
-                    self._keep_version(path)
-                _write_new(path, new, mode)
-                self._trim_versions(path)
-            return WriteResult(path.name, etag, old is None, count, record_id)
+                if new == state.content:
+                    if state.kind == "behind":
+                        self._finish(history, partial(history.repair, state.head), state.head)
+                    return WriteResult(name, etag, False, count, record_id)
+                number = state.next
+                try:
+                    if state.kind == "foreign":
+                        # An edit made on disk is kept as an entry (and a version) first.
+                        assert state.content is not None
+                        history.discard(history.commit(state.content, number, check_place))
+                        number += 1
+                    temporary = history.commit(new, number, check_place)
+                except LostRace:
+                    if self.on_retry is not None:
+                        self.on_retry()
+                    if attempt >= 2:
+                        time.sleep(random.uniform(0, 0.002 * min(attempt, 25)))
+                    continue
+                self._finish(history, partial(history.publish, temporary, number), number)
+                return WriteResult(name, etag, state.content is None, count, record_id)
+        raise Unavailable(
+            f"{name} is being written by many clients at once; try again",
+        )
 
-    def _make_dirs(self, directory: Path) -> None:
-        """Create ``directory`` and its missing parents, durably, inside the root."""
-        if directory.is_dir():
-            return
-        self.root.check_writable(directory)
-        if directory.parent != directory:
-            self._make_dirs(directory.parent)
+    @staticmethod
+    def _finish(history: History, publish: Callable[[], int], number: int) -> None:
+        """Publish a commit and update the versions; the commit stands whatever fails here.
+
+        Readers and the next writer serve and republish the newest commit, so a failure
+        to publish is logged and the write is still acknowledged.
+        """
         try:
-            directory.mkdir()
-        except FileExistsError:
-            if not directory.is_dir():
-                raise ServerError(f"{self._relative(directory)} is not a directory") from None
-            return
-        self.root.check_writable(directory)
-        _fsync_dir(directory.parent)
+            published = publish()
+        except OSError as e:
+            log.warn(
+                "{file}: committed {n} but could not publish it yet: {e!r}",
+                file=history.block.child_path(history.name),
+                n=number,
+                e=e,
+            )
+            published = number
+        history.after_commit(max(number, published))
 
-    def _read_current(self, path: Path) -> tuple[bytes | None, int | None]:
-        """The file's content and permission bits, or (None, None) when it is missing."""
-        try:
-            content, status = _read_bytes(path)
-        except FileNotFoundError:
-            return None, None
-        except (IsADirectoryError, NotADirectoryError):
-            raise ServerError(f"{self._relative(path)} is not a file") from None
-        return content, stat.S_IMODE(status.st_mode)
-
-    def _stored_records(self, path: Path, content: bytes) -> list[object]:
+    @staticmethod
+    def _stored_records(where: str, content: bytes) -> list[object]:
         """The elements of the stored array; an empty file counts as no records.
 
         Raises :class:`ServerError` when the file is not a JSON array: it is kept as it is.
@@ -871,11 +912,9 @@ class AnnotationStore:
         try:
             data = _loads(content)
         except BadRequest as e:
-            raise ServerError(
-                f"{self._relative(path)} holds {e.message}; PUT a whole new file"
-            ) from None
+            raise ServerError(f"{where} holds {e.message}; PUT a whole new file") from None
         if not isinstance(data, list):
-            raise ServerError(f"{self._relative(path)} is not a JSON array; PUT a whole new file")
+            raise ServerError(f"{where} is not a JSON array; PUT a whole new file")
         return data
 
     @staticmethod
@@ -884,55 +923,6 @@ class AnnotationStore:
             return _dumps(list(records))
         except (ValueError, RecursionError) as e:
             raise BadRequest(f"the records cannot be stored as JSON: {e}") from None
-
-    # -- versions -------------------------------------------------------------------------
-
-    @staticmethod
-    def _versions_dir(path: Path) -> Path:
-        return path.parent / _VERSIONS_DIR / path.name
-
-    @staticmethod
-    def _version_numbers(directory: Path) -> list[int]:
-        try:
-            names = os.listdir(directory)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return [int(m[1]) for m in map(_VERSION_FILE.match, names) if m]
-
-    def _keep_version(self, path: Path) -> None:
-        """Keep the current content of ``path`` as its next numbered version (lock held).
-
-        A hard link keeps the old inode, its bytes and its mtime without copying; where
-        links are not possible the content is copied and the mtime set.
-        """
-        if self.keep_versions == 0:
-            return
-        directory = self._versions_dir(path)
-        self.root.check_writable(directory)
-        self._make_dirs(directory)
-        _remove_stale_temporaries(directory, _VERSION_TEMPORARY)
-        numbers = self._version_numbers(directory)
-        target = directory / f"{max(numbers, default=0) + 1}.json"
-        linked = False
-        if not os.path.islink(path):
-            try:
-                os.link(path, target, follow_symlinks=False)
-                linked = True
-            except OSError:
-                pass  # no hard links here (or across devices): copy instead
-        if not linked:
-            content, status = _read_bytes(path)
-            _write_new(target, content, None)
-            os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
-        _fsync_dir(directory)
-
-    def _trim_versions(self, path: Path) -> None:
-        """Delete the oldest versions beyond ``keep_versions`` (lock held)."""
-        directory = self._versions_dir(path)
-        numbers = sorted(self._version_numbers(directory))
-        for number in numbers[: max(0, len(numbers) - self.keep_versions)]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(directory / f"{number}.json")
 
 
 def _block_dir_name(index: tuple[int, int, int]) -> str:
@@ -943,23 +933,17 @@ def _legacy_dir_name(index: tuple[int, int, int]) -> str:
     return f"x{index[0] + 1:04d}_y{index[1] + 1:04d}"
 
 
-def remove_stale_temporaries(annotations: Path, older_than: float, now: float) -> int:
-    """Remove the temporary files that writers which died left under ``annotations``.
+def remove_stale_temporaries(root: DataRoot, dataset: str, older_than: float, now: float) -> int:
+    """Remove the temporary files that writers which died left under a dataset's annotations.
 
     Run at start-up: a temporary file older than ``older_than`` seconds belongs to no live
     writer (a write takes milliseconds), so removing it is safe even while another server
-    shares the directory. Lock files stay: they are the locking mechanism itself, and
-    removing one that another process holds would let two writers in at once. Returns the
-    number of files removed.
+    shares the directory. Lock files stay. ``dataset`` is the dataset's ``/``-separated path
+    relative to the root; links are never followed. Returns the number of files removed.
     """
-    removed = 0
-    for directory, _, names in os.walk(annotations):
-        for name in names:
-            if not (name.startswith(".") and _VERSION_TEMPORARY.match(name)):
-                continue
-            path = os.path.join(directory, name)
-            with contextlib.suppress(OSError):
-                if now - os.lstat(path).st_mtime > older_than:
-                    os.unlink(path)
-                    removed += 1
-    return removed
+    try:
+        top = root.fs.open_dir([*dataset.split("/"), "annotations"], for_write=True)
+    except (NotFound, OSError):
+        return 0
+    with top:
+        return remove_old_temporaries(top, older_than, now)

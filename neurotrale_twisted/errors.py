@@ -13,9 +13,11 @@ class DomainError(Exception):
 
     status: int = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: What the log may say and the client may not (an absolute path, the system's error).
+        self.detail = detail
 
 
 class BadRequest(DomainError):
@@ -61,3 +63,15 @@ class ServerError(DomainError):
     """
 
     status = 500
+
+
+class StorageFull(DomainError):
+    """The disk is full or the quota is spent: nothing was written (507)."""
+
+    status = 507
+
+
+class Unavailable(DomainError):
+    """The server cannot do it now (too many writers at once); try again (503)."""
+
+    status = 503

@@ -72,6 +72,7 @@ class _Instruments:
     cache_hits: Counter
     cache_misses: Counter
     worker_restarts: Counter
+    commit_retries: Counter
 
 
 def _instruments(registry: CollectorRegistry | None) -> _Instruments:
@@ -120,6 +121,12 @@ def _instruments(registry: CollectorRegistry | None) -> _Instruments:
         worker_restarts=Counter(
             "neurotrale_worker_restarts",
             "Worker processes that exited while the server was running (each is restarted).",
+            registry=registry,
+        ),
+        commit_retries=Counter(
+            "neurotrale_annotation_commit_retries",
+            "Annotation commits that lost the race for their number to another writer (on any "
+            "host) and were re-read and re-applied.",
             registry=registry,
         ),
     )
@@ -179,6 +186,10 @@ class ServerMetrics:
     def worker_restarted(self) -> None:
         """A worker process exited while the server ran (counted by the parent process)."""
         self._m.worker_restarts.inc()
+
+    def commit_retried(self) -> None:
+        """An annotation write lost its commit to another writer and tries again."""
+        self._m.commit_retries.inc()
 
     # --- exposition -----------------------------------------------------------------------
 

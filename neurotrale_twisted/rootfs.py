@@ -71,6 +71,23 @@ def temporary_name(purpose: str = "") -> str:
     )
 
 
+def temporary_owner(name: str, purpose: str = "") -> int | None:
+    """The process id of *this host* that made temporary ``name`` (for ``purpose``), if any.
+
+    None when ``name`` is not such a temporary or was made on another host: only the age of
+    those tells whether their writer is gone.
+    """
+    host = socket.gethostname().replace("/", "_")[:40] or "host"
+    tag = purpose.replace("/", "_")[:60]
+    prefix = f"{TEMPORARY_PREFIX}{tag}.{host}."
+    if not name.startswith(prefix):
+        return None
+    parts = name[len(prefix) :].split(".")
+    if len(parts) != 3 or not (parts[0].isascii() and parts[0].isdigit()):
+        return None
+    return int(parts[0])
+
+
 @dataclass(frozen=True)
 class OpenedFile:
     """A regular file opened for reading, with the status of what was opened."""
@@ -472,6 +489,11 @@ class Directory:
         except FileNotFoundError:
             return False
         return True
+
+    def identity(self) -> tuple[int, int]:
+        """The device and inode of this directory: to tell whether a path still leads here."""
+        status = os.fstat(self.fd)
+        return status.st_dev, status.st_ino
 
     def sync(self) -> None:
         """fsync this directory, so that names created or renamed in it are durable."""

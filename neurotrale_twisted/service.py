@@ -226,8 +226,7 @@ def clean_stale_temporaries(root: DataRoot) -> None:
     """Remove temporary files left by writers that died (runs on a thread at start-up)."""
     now = time.time()
     removed = sum(
-        remove_stale_temporaries(root.root / dataset / "annotations", STALE_AFTER, now)
-        for dataset in find_datasets(root)
+        remove_stale_temporaries(root, dataset, STALE_AFTER, now) for dataset in find_datasets(root)
     )
     if removed:
         log.info("removed {n} temporary file(s) left by interrupted writes", n=removed)

@@ -282,7 +282,9 @@ class Neurotrale:
         self.reactor = reactor
         self.metrics = metrics or ServerMetrics()
         self.chunks = ChunkSource(root, cache_bytes=cache_bytes, observer=self.metrics)
-        self.annotations = AnnotationStore(root, keep_versions=keep_versions)
+        self.annotations = AnnotationStore(
+            root, keep_versions=keep_versions, on_retry=self.metrics.commit_retried
+        )
         self.cors = cors or CorsPolicy()
 
     def resource(self) -> IResource:
@@ -555,7 +557,9 @@ class Neurotrale:
                 "{method} {uri}: {message}",
                 method=request.method.decode(),
                 uri=request.uri.decode("latin-1"),
-                message=error.message,
+                message=error.message
+                if error.detail is None
+                else f"{error.message} ({error.detail})",
             )
         # Paths under the root become relative to it (error_response drops any other).
         message = error.message.replace(str(self.root.root).rstrip(os.sep) + os.sep, "")
