@@ -70,9 +70,6 @@ needs_bindfs = pytest.mark.skipif(
 )
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-#: The commit protocol (issue 15) lands with its page; before it, the lock-based writes lose
-#: acknowledged writes here, which the test shows as an expected failure.
-COMMIT_PROTOCOL = (REPO / "docs" / "commit-protocol.md").exists()
 
 KEEP_VERSIONS = 6
 VERSION_SLACK = 2
@@ -561,11 +558,6 @@ def check_versions(ledger: Ledger, host: Host) -> tuple[int, list[str]]:
 
 
 @needs_bindfs
-@pytest.mark.xfail(
-    not COMMIT_PROTOCOL,
-    reason="lock-based writes lose acknowledged writes where locks are local (issue 15)",
-    strict=True,
-)
 def test_two_hosts_lose_nothing_under_concurrency_and_kill_storms(cluster: Cluster) -> None:
     hosts, proxy = cluster.hosts, cluster.proxy
     # The hard setting, proved on these very mounts: each host's locks are its own.
