@@ -424,9 +424,9 @@ class AnnotationStore:
 
         For writes a link is :class:`Forbidden` and a non-directory :class:`ServerError`.
         """
-        if not for_write and self.root.follow_symlinks:
+        if not for_write:
             try:
-                return parent.subdir(name, follow=True)
+                return parent.subdir(name, follow=self.root.fs.read_follow)
             except NotFound:
                 return None
         return open_child(parent, name, create=False, for_write=for_write)
@@ -450,7 +450,7 @@ class AnnotationStore:
         return current
 
     def _has_info(self, dataset: Directory, *, for_write: bool) -> bool:
-        status = dataset.stat("info", follow=self.root.follow_symlinks and not for_write)
+        status = dataset.stat("info", follow=False if for_write else self.root.fs.read_follow)
         return status is not None and stat.S_ISREG(status.st_mode)
 
     def _open_block_for_read(self, segments: list[str], block: str) -> Directory:
@@ -586,7 +586,7 @@ class AnnotationStore:
         :class:`ServerError` when the file exists but gives no block size.
         """
         try:
-            raw, _ = annotations.read_file("block_info.csv", follow=self.root.follow_symlinks)
+            raw, _ = annotations.read_file("block_info.csv", follow=self.root.fs.read_follow)
         except NotFound:
             return None
         for line in raw.decode("utf-8", "replace").splitlines():
@@ -608,7 +608,7 @@ class AnnotationStore:
     def _check_inside(self, dataset: Directory, point: tuple[int, int, int]) -> None:
         """Raise :class:`BadRequest` unless ``point`` lies in the volume of ``info``."""
         try:
-            raw, _ = dataset.read_file("info", follow=self.root.follow_symlinks)
+            raw, _ = dataset.read_file("info", follow=self.root.fs.read_follow)
             size = json.loads(raw)["scales"][0]["size"]
             bounds = (int(size[0]), int(size[1]), int(size[2]))
         except (NotFound, OSError, ValueError, KeyError, IndexError, TypeError) as e:
@@ -642,7 +642,7 @@ class AnnotationStore:
                 name,
                 self.keep_versions,
                 for_write=False,
-                follow=self.root.follow_symlinks,
+                follow=self.root.fs.read_follow,
             ) as history,
         ):
             yield history, history.state()

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from .errors import Forbidden, NotFound, ServerError
-from .rootfs import TEMPORARY_PREFIX, Directory, OpenedFile, temporary_name, temporary_owner
+from .rootfs import (
+    TEMPORARY_PREFIX,
+    Directory,
+    Follow,
+    OpenedFile,
+    temporary_name,
+    temporary_owner,
+)
 
 log = Logger()
 
@@ -266,13 +273,13 @@ class History:
         keep_versions: int,
         *,
         for_write: bool,
-        follow: bool = False,
+        follow: Follow = False,
     ) -> None:
         self.block = block
         self.name = name
         self.keep_versions = keep_versions
         self.for_write = for_write
-        self.follow = follow and not for_write
+        self.follow: Follow = False if for_write else follow
         self._dirs: list[Directory] = []
         self.versions_top = self._child(block, VERSIONS_DIR)
         self.log_top = self._child(block, LOG_DIR)

@@ -168,6 +168,8 @@ class Directory:
             if e.errno in _NOT_A_DIRECTORY:
                 if follow == INSIDE and self._is_link(name):
                     parent, final = self._inside_target(name)
+                    if final is None:
+                        return parent
                     with parent:
                         return parent.subdir(final)
                 raise NotFound(f"{self.child_path(name)} is not a directory") from None
@@ -230,6 +232,8 @@ class Directory:
             if follow != INSIDE:
                 raise NotFound(f"{self.child_path(name)} is a link")
             parent, final = self._inside_target(name)
+            if final is None:
+                return parent
             with parent:
                 return parent.open_entry(final)
         if before is None or not (stat.S_ISDIR(before.st_mode) or stat.S_ISREG(before.st_mode)):
@@ -280,7 +284,7 @@ class Directory:
             except (NotFound, OSError):
                 return None
             with parent:
-                return parent.lstat(final)
+                return os.fstat(parent.fd) if final is None else parent.lstat(final)
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=True)
         except OSError:
@@ -290,16 +294,17 @@ class Directory:
         status = self.lstat(name)
         return status is not None and stat.S_ISLNK(status.st_mode)
 
-    def _inside_target(self, name: str) -> tuple[Directory, str]:
+    def _inside_target(self, name: str) -> tuple[Directory, str | None]:
         """Where link ``name`` here leads, resolved inside the root: the open directory that
-        holds the final name, and that name (which was not a link when it was looked at).
+        holds the final name, and that name (which was not a link when it was looked at); or
+        the root itself and None, for a link to the root.
 
         Each step is taken from the root's handle without following anything, and each link
         met is read and expanded in place (as the kernel would, ``..`` after it included), so
         whatever the names are changed to meanwhile, the result is inside the root. Raises
         :class:`NotFound` for a link that leaves the root (an absolute target outside it, or
-        ``..`` above it), leads nowhere, passes through more than :data:`MAX_LINK_HOPS` links,
-        or leads to the root itself.
+        ``..`` above it), leads nowhere, or passes through more than :data:`MAX_LINK_HOPS`
+        links.
         """
         fs = self.fs
         if fs is None:
@@ -340,7 +345,7 @@ class Directory:
                     continue
             resolved.append(part)
         if not resolved:
-            raise NotFound(f"{self.child_path(name)} leads to the root")
+            return fs.root(), None
         with fs.root() as top:
             return top.walk(resolved[:-1]), resolved[-1]
 

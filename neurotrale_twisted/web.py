@@ -434,7 +434,7 @@ class Neurotrale:
         content = request.content  # type: ignore[attr-defined]
 
         def write() -> Any:
-            dataset_dir = self.root.for_writing(segments)
+            dataset_dir = self.root.name_of(segments)
             path = store.locate(dataset_dir, block, name, for_write=True)
             body = content.read() if content is not None else b""
             if method == b"PUT":
@@ -461,7 +461,7 @@ class Neurotrale:
         store = self.annotations
 
         def exists() -> None:
-            dataset_dir = self.root.for_reading(segments)
+            dataset_dir = self.root.name_of(segments)
             store.read(store.locate(dataset_dir, block, name, for_write=False))
 
         await self._in_thread(exists)
@@ -487,7 +487,7 @@ class Neurotrale:
             )
 
         def read() -> Any:
-            dataset_dir = self.root.for_reading(segments)
+            dataset_dir = self.root.name_of(segments)
             path = store.locate(dataset_dir, block, name, for_write=False)
             if want_list:
                 return store.versions(path)
