@@ -268,7 +268,7 @@ class WorkerPool(ProcessMonitor):
         for index in range(1, self.count + 1):
             name = f"worker-{index}"
             blob = json.dumps({"index": index, "sockets": sockets, "options": options}, default=str)
-            self._commands[name] = [sys.executable, "-m", __name__, blob]
+            self._commands[name] = [sys.executable, "-c", _WORKER_BOOT, blob, _import_path()]
             self.addProcess(name, self._commands[name], env=self._child_environment())
         log.info("starting {n} worker process(es) beside this one", n=self.count)
         super().startService()
@@ -422,6 +422,21 @@ class _ParentWatch(abstract.FileDescriptor):
         """The parent went away: stop serving."""
         super().connectionLost(reason)
         self.on_close()
+
+
+#: How a worker process starts: with the parent's import path, then :func:`main`. Not
+#: ``python -m``, which puts the working directory first on the path, so that a directory named
+#: ``neurotrale_twisted`` there (the data root, a source tree, anything someone could write)
+#: would be the code the workers run.
+_WORKER_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
+    "from neurotrale_twisted.workers import main; main(sys.argv[1:2])"
+)
+
+
+def _import_path() -> str:
+    """This process's import path, as JSON, for a worker to import exactly what it imported."""
+    return json.dumps([os.path.abspath(entry) if entry else os.getcwd() for entry in sys.path])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -45,6 +45,7 @@ class Twistd:
         *args: str,
         workers: int = 1,
         preexec_fn: Callable[[], None] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         env = {**os.environ, "PRECOMPUTED_LOGGING": str(log)}
         self.log = log
@@ -66,6 +67,7 @@ class Twistd:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
+            cwd=cwd,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

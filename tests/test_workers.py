@@ -100,8 +100,8 @@ def start() -> Iterator[Callable[..., Twistd]]:
     """Start ``twistd neurotrale`` processes; afterwards, none of them is left running."""
     started: list[tuple[Twistd, set[int]]] = []
 
-    def run(root: Path, log: Path, *args: str, workers: int) -> Twistd:
-        server = Twistd(root, log, *args, workers=workers)
+    def run(root: Path, log: Path, *args: str, workers: int, cwd: Path | None = None) -> Twistd:
+        server = Twistd(root, log, *args, workers=workers, cwd=cwd)
         started.append((server, children_of(server.process.pid)))
         return server
 
@@ -400,3 +400,29 @@ def test_worker_log_lines_reach_the_parents_log_tagged() -> None:
     assert "ZeroDivisionError" in text[0]  # the traceback came along
     assert "[worker-2:4242 stdout] not json" in text[1]
     assert "[worker-2:4242 stderr] Fatal Python error: Segmentation fault" in text[2]
+
+
+def test_workers_never_import_a_package_planted_in_the_working_directory(
+    start: Callable[..., Twistd], demo_root: Path, tmp_path: Path
+) -> None:
+    # Someone who can write where the server was started (often the data root itself) plants
+    # a package of the server's name: the workers must run the code the parent runs.
+    planted = tmp_path / "cwd" / "neurotrale_twisted"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit('planted package imported')\n"
+    )
+    (planted / "workers.py").write_text("")
+    server = start(demo_root, tmp_path / "server.log", workers=2, cwd=planted.parent)
+    try:
+        parent = server.process.pid
+        children = children_of(parent)
+        assert len(children) == 1
+        assert pids_answering(lambda: get(server.url + CHUNK)[1], {parent, *children}) == {
+            parent,
+            *children,
+        }
+        assert not marker.exists()
+    finally:
+        server.stop()
