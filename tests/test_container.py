@@ -61,7 +61,7 @@ BASE = ["--nodaemon", "--pidfile=", "neurotrale", "--path", "/data"]
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ([], [*BASE, "--workers", "10", "--listen", "tcp:9000"]),
+        ([], [*BASE, "--listen", "tcp:9000"]),
         (["--workers", "15"], [*BASE, "--workers", "15", "--listen", "tcp:9000"]),
         (["--port", "9100", "-w", "2"], [*BASE, "--workers", "2", "--listen", "tcp:9100"]),
         (["--workers=3", "--port=9001"], [*BASE, "--workers", "3", "--listen", "tcp:9001"]),
@@ -85,11 +85,11 @@ BASE = ["--nodaemon", "--pidfile=", "neurotrale", "--path", "/data"]
         ),
         (
             ["--listen", "unix:/run/a b.sock"],
-            [*BASE, "--workers", "10", "--listen", "unix:/run/a b.sock"],
+            [*BASE, "--listen", "unix:/run/a b.sock"],
         ),
         (
             ["--listen=unix:/run/x.sock", "--port", "9002"],
-            [*BASE, "--workers", "10", "--listen", "tcp:9002", "--listen=unix:/run/x.sock"],
+            [*BASE, "--listen", "tcp:9002", "--listen=unix:/run/x.sock"],
         ),
     ],
 )

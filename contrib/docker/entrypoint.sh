@@ -5,7 +5,8 @@
 #   docker run -p 9000:9000 -v /host/data:/data IMAGE --workers 15 --port 9000
 #   apptainer run --bind /host/data:/data image.sif /apps/entrypoint.sh --workers 15
 #
-# --workers N (default 10) and --port N (default 9000) are taken here; every other argument
+# --workers N (default: the CPUs the container may use, as `twistd neurotrale` counts them) and
+# --port N (default 9000) are taken here; every other argument
 # goes to `twistd neurotrale` (see `twistd neurotrale --help`), which refuses an unknown one
 # at once with a message and a non-zero exit. The server runs in the foreground as this
 # process (exec), so `docker stop` (SIGTERM) reaches it and stops it gracefully.
@@ -29,7 +30,7 @@ case "${1:-}" in
     "$0" | /apps/entrypoint.sh) shift ;;
 esac
 
-workers="${NEUROTRALE_WORKERS:-10}"
+workers="${NEUROTRALE_WORKERS:-}"
 port="${NEUROTRALE_PORT:-9000}"
 listen_given=no
 port_given=no
@@ -67,11 +68,15 @@ while [ "$count" -gt 0 ]; do
     esac
 done
 
-positive --workers "$workers"
+[ -z "$workers" ] || positive --workers "$workers"
 positive --port "$port"
 # --listen replaces the default port; --port adds to it.
 if [ "$listen_given" = no ] || [ "$port_given" = yes ]; then
     set -- --listen "tcp:$port" "$@"
 fi
 
-exec twistd --nodaemon --pidfile= neurotrale --path "${PRECOMPUTED_PATH:-/data}" --workers "$workers" "$@"
+# Without --workers the server sizes its pool to the CPUs it may use (affinity, cgroup quota).
+if [ -n "$workers" ]; then
+    set -- --workers "$workers" "$@"
+fi
+exec twistd --nodaemon --pidfile= neurotrale --path "${PRECOMPUTED_PATH:-/data}" "$@"
