@@ -63,6 +63,14 @@ ERRORS: dict[str, Json] = {
     "412": _error("`If-Match` no longer matches the stored file; nothing was changed."),
     "413": _error("The request body is over the server's `--max-body` limit."),
     "416": _error("The `Range` selects no byte of the body."),
+    "503": _error(
+        "The write lost the race for the next commit to other writers too many times in a "
+        "row; nothing of it was kept. Send it again."
+    ),
+    "507": _error(
+        "The disk (or the quota) is full; nothing was written, no version was added or "
+        "removed."
+    ),
     "500": _error(
         "The data on disk is inconsistent (a TIFF whose shape or type disagrees with its name "
         "or with `info`); the server's log names the file."
@@ -341,7 +349,7 @@ ANNOTATION_PARAMETERS = [
     _ref("parameters", "name"),
 ]
 WRITE_ERRORS = {
-    **_errors("400", "403", "404", "412", "413", "500"),
+    **_errors("400", "403", "404", "412", "413", "500", "503", "507"),
     "405": _error(
         "The path is not an annotation file's (a plain file, which only takes GET and HEAD). "
         "A write to `annotations/{block}/{name}` whose name breaks the rule (letters, digits, "
