@@ -33,6 +33,8 @@ log = Logger()
 
 DEFAULT_LISTEN = "tcp:9000"
 DEFAULT_ROOT = "/data"
+#: The largest TCP port number.
+MAX_PORT = 65535
 
 
 def default_threads() -> int:
@@ -40,16 +42,21 @@ def default_threads() -> int:
     return min(32, usable_cpus() + 4)
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """A coercion to a whole number of at least ``minimum``, saying so when it is not."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """A coercion to a whole number of at least ``minimum`` (and at most ``maximum``),
+    saying so when it is not."""
+    if maximum is None:
+        wanted = f"must be a whole number of at least {minimum}"
+    else:
+        wanted = f"must be a whole number from {minimum} to {maximum}"
 
     def coerce(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise ValueError(f"must be a whole number of at least {minimum}")
+            raise ValueError(wanted) from None
+        if number < minimum or (maximum is not None and number > maximum):
+            raise ValueError(wanted)
         return number
 
     return coerce
@@ -95,7 +102,13 @@ class Options(usage.Options):
     )
     optParameters: list[list[Any]] = [
         ["path", "p", None, "The data root [default: $PRECOMPUTED_PATH, else /data]."],
-        ["port", None, None, "Shorthand for --listen tcp:PORT [default: none].", _positive],
+        [
+            "port",
+            None,
+            None,
+            "Shorthand for --listen tcp:PORT [default: none].",
+            _at_least(1, MAX_PORT),
+        ],
         [
             "workers",
             "w",

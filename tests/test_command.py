@@ -110,6 +110,57 @@ def test_a_busy_port_is_one_line_and_status_1(program: str, tmp_path: Path) -> N
     assert "Traceback" not in done.stdout
 
 
+@pytest.mark.parametrize("program", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    ("args", "status", "named"),
+    [
+        (["--port", "70000"], 2, "--port '70000': must be a whole number from 1 to 65535"),
+        (["--listen", "tcp:99999"], 2, "--listen 'tcp:99999': the port must be 0 to 65535"),
+        (["--listen", "tcp:abc"], 2, "--listen 'tcp:abc': "),
+        (["--listen", "bogus:1"], 2, "--listen 'bogus:1': Unknown endpoint type: 'bogus'"),
+        (["--listen", "unix:{tmp}/no/such.sock"], 1, "the directory '{tmp}/no' does not exist"),
+        (["--listen", "ssl:0:privateKey={tmp}/key.pem"], 1, "No such file or directory"),
+        (["--listen", "systemd:domain=INET:index=0"], 1, "systemd passed no such socket"),
+    ],
+)
+def test_a_listen_that_cannot_work_is_one_line_before_anything_starts(
+    program: str, args: list[str], status: int, named: str, tmp_path: Path
+) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = run(*COMMANDS[program], "--path", str(tmp_path), *args)
+    assert done.returncode == status, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"{program}: error: "), lines
+    assert named.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert done.stdout == ""
+
+
+def test_a_busy_port_stops_a_daemon_at_once(tmp_path: Path) -> None:
+    """``twistd neurotrale`` (a daemon): the process that waits for the daemon to start says
+    why it did not and exits 1, instead of waiting forever; no pid file is left behind."""
+    pidfile = tmp_path / "twistd.pid"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run(
+            TWISTD,
+            f"--pidfile={pidfile}",
+            f"--logfile={tmp_path / 'twistd.log'}",
+            "neurotrale",
+            "--path",
+            str(tmp_path),
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            timeout=30,
+        )
+    assert done.returncode == 1, done
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not pidfile.exists()
+
+
 def test_every_command_prints_the_project_version() -> None:
     version = project_version()
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", version)
