@@ -256,6 +256,43 @@ def test_neurotrale_serves_with_one_process_per_usable_cpu(
     assert process.wait(timeout=20) in (0, -signal.SIGTERM)  # twistd re-raises the signal
 
 
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        (["neurotrale_twisted.ingest", "--source", "x", "--dest", "y", "--bogus"], "--bogus"),
+        (["neurotrale_twisted.ingest", "--source", "x", "--dest", "y", "--jobs", "x"], "'x'"),
+        (["neurotrale_twisted.ingest", "--dest", "y"], "--source"),
+        (["neurotrale_twisted.demo"], "directory"),
+        (["neurotrale_twisted.demo", "DIR", "--compression", "foo"], "'foo'"),
+        (["neurotrale_twisted.demo", "DIR", "--name", "../elsewhere"], "--name '../elsewhere'"),
+        (["neurotrale_twisted.demo", "DIR", "--name", "a/b"], "--name 'a/b'"),
+    ],
+)
+def test_ingest_and_demo_mistakes_are_one_line_and_status_2(
+    command: list[str], named: str, tmp_path: Path
+) -> None:
+    args = [a.replace("DIR", str(tmp_path / "demo")) for a in command]
+    done = run(PYTHON, "-m", *args)
+    assert done.returncode == 2, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    program = "neurotrale-" + command[0].rsplit(".", 1)[1]
+    assert lines[0].startswith(f"{program}: error: "), lines
+    assert named in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written, here or beside
+
+
+def test_demo_into_a_directory_it_cannot_make_is_one_line_and_status_1(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    where = tmp_path / "a-file" / "demo"
+    done = run(PYTHON, "-m", "neurotrale_twisted.demo", str(where))
+    assert done.returncode == 1, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("neurotrale-demo: error: cannot write "), lines
+    assert "Not a directory" in lines[0]
+
+
 # --- how many CPUs ---------------------------------------------------------------------------
 
 
