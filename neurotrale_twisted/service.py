@@ -179,8 +179,19 @@ class Options(usage.Options):
         """An origin allowed to read answers from a browser (repeatable) [default: any, '*']."""
         self["cors-origin"].append(origin)
 
+    def parseArgs(self, *args: str) -> None:
+        """Refuse a word that is no option, naming it (Twisted's says "Wrong number of
+        arguments")."""
+        if args:
+            raise usage.UsageError(
+                f"unexpected argument {args[0]!r}: options begin with -- (a data root is "
+                "--path DIR)"
+            )
+
     def postOptions(self) -> None:
         """Fill in the defaults and refuse a data root that cannot be served."""
+        if self["path"] == "":
+            raise usage.UsageError("--path '': must name a directory")
         path = self["path"] or os.environ.get("PRECOMPUTED_PATH") or DEFAULT_ROOT
         if self["path"]:
             source = " (--path)"

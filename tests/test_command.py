@@ -58,6 +58,8 @@ def run(*command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["--bogus"], "--bogus"),
         (["--port"], "--port requires argument"),
         (["--auth-reads"], "--auth-reads needs --htpasswd"),
+        (["brain1"], "unexpected argument 'brain1'"),
+        (["--path="], "--path '': must name a directory"),
     ],
 )
 def test_a_mistake_is_one_line_naming_the_option_and_status_2(
