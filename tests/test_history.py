@@ -267,3 +267,28 @@ async def test_a_file_broken_on_disk_still_lists_its_versions_and_is_restored(
     assert table["1"][3:7] == [str(len(json.loads(original))), "\u2014", "\u2014", "\u2014"]
     assert "not JSON" in seen["shown"]
     assert seen["left_host"] == [] and seen["problems"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_restore_under_read_only_says_why_and_changes_nothing(
+    browser: None, serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    on_disk = data_root / SLICE
+    writable = serve(data_root)
+    assert (await treq.put(f"{writable.url}/{SLICE}", b"[]")).code == 200  # a version
+    server = serve(data_root, read_only=True)
+    url = f"{server.url}/{SLICE}"
+
+    def browse(page: Any) -> dict[str, Any]:
+        watched = _watch(page, server.url)
+        page.goto(url + "?history")
+        page.wait_for_selector("body[data-loaded]")
+        page.locator('#versions tr[data-version="1"] button.restore').click()
+        page.wait_for_selector("#message.refused")
+        return {"message": page.inner_text("#message"), **watched}
+
+    seen = await deferToThread(in_browser, browse)
+    assert seen["message"] == "Not restored: 403: this server is read-only"
+    assert on_disk.read_bytes() == b"[]"
+    # The browser logs the refused request as a console error, nothing else.
+    assert seen["left_host"] == [] and all("403" in p for p in seen["problems"]), seen
