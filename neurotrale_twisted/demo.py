@@ -272,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         where = e.filename if e.filename is not None else target
         print(f"{parser.prog}: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
-    print(f"wrote {dataset}; serve it with: neurotrale --path {args.directory}")
+    print(
+        f"wrote {dataset}; serve it with: neurotrale --path {args.directory} "
+        "--listen tcp:9000:interface=127.0.0.1"
+    )
 
 
 if __name__ == "__main__":

@@ -365,3 +365,14 @@ def test_demo_refuses_to_rewrite_without_force_and_keeps_versions_with_it(
     assert [json.loads(p.read_bytes()) for p in kept][-1] == mine
     # Files nobody changed made no version.
     assert not (block / ".versions/fibers.json").exists()
+
+
+def test_demo_suggests_serving_it_to_this_machine_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the README's quickstart: anyone who reaches the server may write annotations."""
+    demo_main([str(tmp_path)])
+    said = capsys.readouterr().out
+    assert said.endswith(
+        f"serve it with: neurotrale --path {tmp_path} --listen tcp:9000:interface=127.0.0.1\n"
+    )
