@@ -13,15 +13,16 @@ module, so ``twistd neurotrale`` gets the same behaviour as ``neurotrale``.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from . import service
-from .service import CannotServe
+from .service import MAX_PORT, CannotServe
 
 #: How the command was invoked, for its messages ("neurotrale" when run by :func:`main`).
 PROGRAM = "twistd neurotrale"
@@ -54,6 +55,12 @@ class Options(service.Options):
         except usage.UsageError as e:
             fail(f"{e} (see {PROGRAM} --help)", EXIT_USAGE)
 
+    def postOptions(self) -> None:
+        """The server's checks, then each ``--listen`` checked before anything starts."""
+        super().postOptions()
+        for description in self["listen"]:
+            check_endpoint(description)
+
     def getSynopsis(self) -> str:
         """``Usage: neurotrale [options]``, or twistd's own for ``twistd neurotrale``."""
         if PROGRAM == "neurotrale":
@@ -61,8 +68,44 @@ class Options(service.Options):
         return str(super().getSynopsis())
 
 
+def check_endpoint(description: str) -> None:
+    """Refuse a ``--listen`` description that cannot be listened on, before anything starts
+    (and before ``twistd`` becomes a daemon): a mistake in it is a usage error, a file it
+    names that is missing (a TLS key, a UNIX socket's directory) is :class:`CannotServe`."""
+    from twisted.internet import endpoints, reactor
+
+    said = f"--listen {description!r}"
+    try:
+        endpoint = endpoints.serverFromString(reactor, description)
+    except OSError as e:  # ssl: a key or certificate that cannot be read
+        raise CannotServe(f"{said}: {e.strerror or e}: {e.filename!r}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        if description.strip().lower().startswith("systemd:"):
+            raise CannotServe(f"{said}: systemd passed no such socket (LISTEN_FDS)") from None
+        raise usage.UsageError(f"{said}: {e}") from None
+    except Exception as e:  # OpenSSL's errors: a key or certificate that is not one
+        raise CannotServe(f"{said}: {e}") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= MAX_PORT:
+        raise usage.UsageError(f"{said}: the port must be 0 to {MAX_PORT}")
+    if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+        directory = os.path.dirname(os.fsdecode(endpoint._address)) or "."
+        if not os.path.isdir(directory):
+            raise CannotServe(f"{said}: the directory {directory!r} does not exist")
+
+
 class _Startup(MultiService):
-    """The server's services; a port that cannot be opened is one line and exit status 1."""
+    """The server's services; a port that cannot be opened is one line and exit status 1.
+
+    ``twistd`` (the command) is the options' parent: as a daemon, its first process waits
+    on ``statusPipe`` for the daemon to say it started, and would wait forever for one that
+    exits without saying so.
+    """
+
+    def __init__(self, twistd: Any, listen: list[str]) -> None:
+        super().__init__()
+        self.twistd = twistd
+        self.listen = listen
 
     def privilegedStartService(self) -> None:
         """Open the listening ports (as twistd does, before dropping privileges)."""
@@ -71,12 +114,38 @@ class _Startup(MultiService):
         except CannotListenError as e:
             where = f"{e.interface or '*'}:{e.port}"
             why = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            fail(f"cannot listen on {where}: {why}", EXIT_FAILED)
+            self.refuse(f"cannot listen on {where}: {why}")
+        except (OSError, OverflowError) as e:  # e.g. a UNIX socket's directory just went
+            self.refuse(f"cannot listen on {', '.join(self.listen)}: {e}")
+
+    def refuse(self, message: str) -> NoReturn:
+        """Say ``message`` and exit 1; as a daemon, through the pipe twistd waits on."""
+        twistd = self.twistd
+        pipe = twistd.get("statusPipe") if twistd is not None else None
+        if pipe is not None:
+            # twistd's waiting process prints what follows "1 " (at most 98 bytes), exits 1.
+            os.write(pipe, b"1 " + message.encode()[:98])
+            os.close(pipe)
+            twistd["statusPipe"] = None
+            _remove_own_pidfile(twistd.get("pidfile"))
+        fail(message, EXIT_FAILED)
+
+
+def _remove_own_pidfile(pidfile: str | None) -> None:
+    """Remove ``pidfile`` if it names this process (twistd wrote it before the failure)."""
+    if not pidfile:
+        return
+    try:
+        with open(pidfile) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.remove(pidfile)
+    except OSError:
+        pass
 
 
 def makeService(options: service.Options) -> MultiService:
     """:func:`neurotrale_twisted.service.makeService`, with one-line start-up failures."""
-    top = _Startup()
+    top = _Startup(getattr(options, "parent", None), list(options["listen"]))
     service.makeService(options).setServiceParent(top)
     return top
 

@@ -8,7 +8,6 @@ and a few ``z-NNNN.json`` slices in the NeuroTrALE record format.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -21,12 +20,13 @@ import numpy as np
 import tifffile
 
 from . import project_version
+from .arguments import EXIT_USAGE, ArgumentParser
 
 #: Writes one annotation file's records (the demo's own writer, or the server's store).
 AnnotationWriter = Callable[[Path, list[dict[str, object]]], None]
 
-#: Exit status when the command line is refused (the dataset exists, a bad option).
-EXIT_USAGE = 2
+#: Exit status when the directory cannot be written (a refused command line: EXIT_USAGE).
+EXIT_FAILED = 1
 
 #: The demo volume's size in voxels (x, y, z): deliberately not a multiple of the chunk size.
 DEMO_SIZE = (200, 176, 72)
@@ -232,7 +232,7 @@ def write_demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``neurotrale-demo DIR [--compression zlib] [--force]``."""
-    parser = argparse.ArgumentParser(prog="neurotrale-demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="neurotrale-demo", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="where to write the dataset")
     parser.add_argument(
         "--name", default="demo-brain", help="the dataset's directory name (default demo-brain)"
@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
     args = parser.parse_args(argv)
+    if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:
+        parser.error(f"--name {args.name!r}: must be one directory name, not a path")
     compression = None if args.compression == "none" else args.compression
     target = args.directory / args.name
     writer = None
@@ -264,8 +266,16 @@ def main(argv: list[str] | None = None) -> None:
             )
             sys.exit(EXIT_USAGE)
         writer = store_writer(args.directory)
-    dataset = write_demo(args.directory, args.name, compression, write_json=writer)
-    print(f"wrote {dataset}; serve it with: neurotrale --path {args.directory}")
+    try:
+        dataset = write_demo(args.directory, args.name, compression, write_json=writer)
+    except OSError as e:
+        where = e.filename if e.filename is not None else target
+        print(f"{parser.prog}: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    print(
+        f"wrote {dataset}; serve it with: neurotrale --path {args.directory} "
+        "--listen tcp:9000:interface=127.0.0.1"
+    )
 
 
 if __name__ == "__main__":

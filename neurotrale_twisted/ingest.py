@@ -48,6 +48,7 @@ import tifffile
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type hints
 
 from . import project_version
+from .arguments import ArgumentParser
 from .chunks import ChunkName
 from .cpus import usable_cpus
 
@@ -802,7 +803,7 @@ def ingest(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``neurotrale-ingest``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="neurotrale-ingest",
         description="Turn a stack of TIFF planes into a precomputed-tif dataset for "
         "`twistd neurotrale`.",

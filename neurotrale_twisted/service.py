@@ -46,6 +46,8 @@ log = Logger()
 
 DEFAULT_LISTEN = "tcp:9000"
 DEFAULT_ROOT = "/data"
+#: The largest TCP port number.
+MAX_PORT = 65535
 
 
 def default_threads() -> int:
@@ -53,16 +55,21 @@ def default_threads() -> int:
     return min(32, usable_cpus() + 4)
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """A coercion to a whole number of at least ``minimum``, saying so when it is not."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """A coercion to a whole number of at least ``minimum`` (and at most ``maximum``),
+    saying so when it is not."""
+    if maximum is None:
+        wanted = f"must be a whole number of at least {minimum}"
+    else:
+        wanted = f"must be a whole number from {minimum} to {maximum}"
 
     def coerce(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise ValueError(f"must be a whole number of at least {minimum}")
+            raise ValueError(wanted) from None
+        if number < minimum or (maximum is not None and number > maximum):
+            raise ValueError(wanted)
         return number
 
     return coerce
@@ -108,7 +115,13 @@ class Options(usage.Options):
     )
     optParameters: list[list[Any]] = [
         ["path", "p", None, "The data root [default: $PRECOMPUTED_PATH, else /data]."],
-        ["port", None, None, "Shorthand for --listen tcp:PORT [default: none].", _positive],
+        [
+            "port",
+            None,
+            None,
+            "Shorthand for --listen tcp:PORT [default: none].",
+            _at_least(1, MAX_PORT),
+        ],
         [
             "workers",
             "w",
@@ -194,8 +207,19 @@ class Options(usage.Options):
         """An origin allowed to read answers from a browser (repeatable) [default: any, '*']."""
         self["cors-origin"].append(origin)
 
+    def parseArgs(self, *args: str) -> None:
+        """Refuse a word that is no option, naming it (Twisted's says "Wrong number of
+        arguments")."""
+        if args:
+            raise usage.UsageError(
+                f"unexpected argument {args[0]!r}: options begin with -- (a data root is "
+                "--path DIR)"
+            )
+
     def postOptions(self) -> None:
         """Fill in the defaults and refuse a data root that cannot be served."""
+        if self["path"] == "":
+            raise usage.UsageError("--path '': must name a directory")
         path = self["path"] or os.environ.get("PRECOMPUTED_PATH") or DEFAULT_ROOT
         if self["path"]:
             source = " (--path)"

@@ -58,6 +58,8 @@ def run(*command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["--bogus"], "--bogus"),
         (["--port"], "--port requires argument"),
         (["--auth-reads"], "--auth-reads needs --htpasswd"),
+        (["brain1"], "unexpected argument 'brain1'"),
+        (["--path="], "--path '': must name a directory"),
     ],
 )
 def test_a_mistake_is_one_line_naming_the_option_and_status_2(
@@ -108,6 +110,57 @@ def test_a_busy_port_is_one_line_and_status_1(program: str, tmp_path: Path) -> N
         f"{program}: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
     assert "Traceback" not in done.stdout
+
+
+@pytest.mark.parametrize("program", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    ("args", "status", "named"),
+    [
+        (["--port", "70000"], 2, "--port '70000': must be a whole number from 1 to 65535"),
+        (["--listen", "tcp:99999"], 2, "--listen 'tcp:99999': the port must be 0 to 65535"),
+        (["--listen", "tcp:abc"], 2, "--listen 'tcp:abc': "),
+        (["--listen", "bogus:1"], 2, "--listen 'bogus:1': Unknown endpoint type: 'bogus'"),
+        (["--listen", "unix:{tmp}/no/such.sock"], 1, "the directory '{tmp}/no' does not exist"),
+        (["--listen", "ssl:0:privateKey={tmp}/key.pem"], 1, "No such file or directory"),
+        (["--listen", "systemd:domain=INET:index=0"], 1, "systemd passed no such socket"),
+    ],
+)
+def test_a_listen_that_cannot_work_is_one_line_before_anything_starts(
+    program: str, args: list[str], status: int, named: str, tmp_path: Path
+) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = run(*COMMANDS[program], "--path", str(tmp_path), *args)
+    assert done.returncode == status, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"{program}: error: "), lines
+    assert named.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert done.stdout == ""
+
+
+def test_a_busy_port_stops_a_daemon_at_once(tmp_path: Path) -> None:
+    """``twistd neurotrale`` (a daemon): the process that waits for the daemon to start says
+    why it did not and exits 1, instead of waiting forever; no pid file is left behind."""
+    pidfile = tmp_path / "twistd.pid"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run(
+            TWISTD,
+            f"--pidfile={pidfile}",
+            f"--logfile={tmp_path / 'twistd.log'}",
+            "neurotrale",
+            "--path",
+            str(tmp_path),
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            timeout=30,
+        )
+    assert done.returncode == 1, done
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not pidfile.exists()
 
 
 def test_every_command_prints_the_project_version() -> None:
@@ -205,6 +258,43 @@ def test_neurotrale_serves_with_one_process_per_usable_cpu(
     assert process.wait(timeout=20) in (0, -signal.SIGTERM)  # twistd re-raises the signal
 
 
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        (["neurotrale_twisted.ingest", "--source", "x", "--dest", "y", "--bogus"], "--bogus"),
+        (["neurotrale_twisted.ingest", "--source", "x", "--dest", "y", "--jobs", "x"], "'x'"),
+        (["neurotrale_twisted.ingest", "--dest", "y"], "--source"),
+        (["neurotrale_twisted.demo"], "directory"),
+        (["neurotrale_twisted.demo", "DIR", "--compression", "foo"], "'foo'"),
+        (["neurotrale_twisted.demo", "DIR", "--name", "../elsewhere"], "--name '../elsewhere'"),
+        (["neurotrale_twisted.demo", "DIR", "--name", "a/b"], "--name 'a/b'"),
+    ],
+)
+def test_ingest_and_demo_mistakes_are_one_line_and_status_2(
+    command: list[str], named: str, tmp_path: Path
+) -> None:
+    args = [a.replace("DIR", str(tmp_path / "demo")) for a in command]
+    done = run(PYTHON, "-m", *args)
+    assert done.returncode == 2, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    program = "neurotrale-" + command[0].rsplit(".", 1)[1]
+    assert lines[0].startswith(f"{program}: error: "), lines
+    assert named in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written, here or beside
+
+
+def test_demo_into_a_directory_it_cannot_make_is_one_line_and_status_1(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    where = tmp_path / "a-file" / "demo"
+    done = run(PYTHON, "-m", "neurotrale_twisted.demo", str(where))
+    assert done.returncode == 1, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("neurotrale-demo: error: cannot write "), lines
+    assert "Not a directory" in lines[0]
+
+
 # --- how many CPUs ---------------------------------------------------------------------------
 
 
@@ -275,3 +365,14 @@ def test_demo_refuses_to_rewrite_without_force_and_keeps_versions_with_it(
     assert [json.loads(p.read_bytes()) for p in kept][-1] == mine
     # Files nobody changed made no version.
     assert not (block / ".versions/fibers.json").exists()
+
+
+def test_demo_suggests_serving_it_to_this_machine_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the README's quickstart: anyone who reaches the server may write annotations."""
+    demo_main([str(tmp_path)])
+    said = capsys.readouterr().out
+    assert said.endswith(
+        f"serve it with: neurotrale --path {tmp_path} --listen tcp:9000:interface=127.0.0.1\n"
+    )

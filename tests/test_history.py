@@ -232,3 +232,63 @@ async def test_restore_refuses_over_a_concurrent_change(
     # error, nothing else.
     assert seen["left_host"] == []
     assert all("412" in p for p in seen["problems"]), seen["problems"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_broken_on_disk_still_lists_its_versions_and_is_restored(
+    browser: None, serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    """Someone (another tool, a hand edit) left the file on disk as JSON that does not parse:
+    exactly when a person needs the history, so the page still lists the versions, says the
+    current content is not JSON, and puts a good version back by a click."""
+    server = serve(data_root)
+    url = f"{server.url}/{SLICE}"
+    on_disk = data_root / SLICE
+    original = on_disk.read_bytes()
+    assert (await treq.put(url, b"[]")).code == 200
+    on_disk.write_bytes(b'[{"id": "torn", "poi')
+
+    def browse(page: Any) -> dict[str, Any]:
+        watched = _watch(page, server.url)
+        page.goto(url + "?history")
+        page.wait_for_selector("body[data-loaded]")
+        table = {v: _row(page, v) for v in ("current", "1")}
+        page.locator('#versions tr[data-version="current"] button.show').click()
+        shown = page.inner_text("#records-title")
+        page.locator('#versions tr[data-version="1"] button.restore').click()
+        page.wait_for_selector("#message.restored")
+        return {"table": table, "shown": shown, **watched}
+
+    seen = await deferToThread(in_browser, browse)
+    assert on_disk.read_bytes() == original
+    table = seen["table"]
+    assert table["current"][3] == "not JSON"
+    assert table["current"][4:7] == ["\u2014", "\u2014", "\u2014"]
+    assert table["1"][3:7] == [str(len(json.loads(original))), "\u2014", "\u2014", "\u2014"]
+    assert "not JSON" in seen["shown"]
+    assert seen["left_host"] == [] and seen["problems"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_restore_under_read_only_says_why_and_changes_nothing(
+    browser: None, serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    on_disk = data_root / SLICE
+    writable = serve(data_root)
+    assert (await treq.put(f"{writable.url}/{SLICE}", b"[]")).code == 200  # a version
+    server = serve(data_root, read_only=True)
+    url = f"{server.url}/{SLICE}"
+
+    def browse(page: Any) -> dict[str, Any]:
+        watched = _watch(page, server.url)
+        page.goto(url + "?history")
+        page.wait_for_selector("body[data-loaded]")
+        page.locator('#versions tr[data-version="1"] button.restore').click()
+        page.wait_for_selector("#message.refused")
+        return {"message": page.inner_text("#message"), **watched}
+
+    seen = await deferToThread(in_browser, browse)
+    assert seen["message"] == "Not restored: 403: this server is read-only"
+    assert on_disk.read_bytes() == b"[]"
+    # The browser logs the refused request as a console error, nothing else.
+    assert seen["left_host"] == [] and all("403" in p for p in seen["problems"]), seen

@@ -6,7 +6,7 @@
 (function () {
   const fileUrl = window.location.pathname; // the annotation file; the page is ?history
   const fileName = decodeURIComponent(fileUrl.split("/").pop());
-  let current = null; // {etag, text, records}
+  let current = null; // {etag, text}: the content the page showed, for If-Match
 
   const $ = (selector) => document.querySelector(selector);
 
@@ -62,9 +62,25 @@
     return { added, removed, changed };
   }
 
+  // The records of a file's content, or null with the reason when it has none to show: a
+  // file someone broke on disk must still show its versions, so that one can be put back.
   function parse(text) {
-    const value = JSON.parse(text);
-    return Array.isArray(value) ? value : [];
+    let value;
+    try {
+      value = JSON.parse(text);
+    } catch (ignored) {
+      return { records: null, problem: "not JSON" };
+    }
+    if (!Array.isArray(value)) return { records: null, problem: "not a list" };
+    return { records: value.filter((r) => r !== null && typeof r === "object"), problem: null };
+  }
+
+  function count(row) {
+    return row.records === null ? row.problem : row.records.length;
+  }
+
+  function comparable(row, older) {
+    return older && row.records !== null && older.records !== null;
   }
 
   function utc(date) {
@@ -99,9 +115,14 @@
     const section = $("#records");
     const body = section.querySelector("tbody");
     body.replaceChildren();
-    $("#records-title").textContent = `${row.label}: ${row.records.length} record(s)`;
-    const change = older ? compare(row.records, older.records) : null;
-    for (const record of row.records) {
+    if (row.records === null) {
+      $("#records-title").textContent =
+        `${row.label}: ${row.problem} (${row.size} B), no records to show`;
+    } else {
+      $("#records-title").textContent = `${row.label}: ${row.records.length} record(s)`;
+    }
+    const change = comparable(row, older) ? compare(row.records, older.records) : null;
+    for (const record of row.records || []) {
       const id = String(record.id);
       let note = "";
       if (change && change.added.includes(id)) note = "added";
@@ -145,7 +166,7 @@
       return;
     }
     say(
-      `Restored version ${row.version} (${row.records.length} record(s)). The content it ` +
+      `Restored version ${row.version} (${count(row)} record(s)). The content it ` +
         "replaced is kept as a version too, so this can be undone the same way.",
       "restored"
     );
@@ -157,13 +178,13 @@
     body.replaceChildren();
     rows.forEach((row, index) => {
       const older = rows[index + 1];
-      const change = older ? compare(row.records, older.records) : null;
+      const change = comparable(row, older) ? compare(row.records, older.records) : null;
       const tr = element("tr", null, row.version === null ? "current" : "");
       tr.dataset.version = row.version === null ? "current" : String(row.version);
       tr.append(element("td", row.version === null ? "current" : row.version));
       tr.append(element("td", row.saved));
       tr.append(element("td", `${row.size} B`));
-      tr.append(element("td", row.records.length));
+      tr.append(element("td", count(row), row.records === null ? "problem" : ""));
       for (const key of ["added", "removed", "changed"]) {
         tr.append(element("td", change ? change[key].length : "\u2014", "number"));
       }
@@ -197,11 +218,7 @@
     setStatus("Loading the versions\u2026");
     const file = await fetchText(fileUrl);
     const modified = file.response.headers.get("last-modified");
-    current = {
-      etag: file.response.headers.get("etag"),
-      text: file.text,
-      records: parse(file.text),
-    };
+    current = { etag: file.response.headers.get("etag"), text: file.text };
     const listed = JSON.parse((await fetchText(`${fileUrl}?versions`)).text);
     const rows = [
       {
@@ -210,7 +227,7 @@
         saved: modified ? utc(new Date(modified)) : "",
         size: new TextEncoder().encode(file.text).length,
         text: file.text,
-        records: current.records,
+        ...parse(file.text),
       },
     ];
     const texts = await Promise.all(
@@ -224,7 +241,7 @@
         saved: utc(new Date(v.modified)),
         size: v.size,
         text: texts[i].text,
-        records: parse(texts[i].text),
+        ...parse(texts[i].text),
       });
     });
     render(rows);
