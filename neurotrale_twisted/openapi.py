@@ -68,8 +68,7 @@ ERRORS: dict[str, Json] = {
         "row; nothing of it was kept. Send it again."
     ),
     "507": _error(
-        "The disk (or the quota) is full; nothing was written, no version was added or "
-        "removed."
+        "The disk (or the quota) is full; nothing was written, no version was added or removed."
     ),
     "500": _error(
         "The data on disk is inconsistent (a TIFF whose shape or type disagrees with its name "
