@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from . import service
@@ -46,7 +48,7 @@ def fail(message: str, status: int) -> NoReturn:
 class Options(service.Options):
     """The server's options; a refusal is one line and an exit, not a page of usage."""
 
-    def parseOptions(self, options: list[str] | None = None) -> None:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Parse ``options``, or say in one line what is wrong with them and exit."""
         try:
             super().parseOptions(options)
@@ -143,10 +145,18 @@ def _remove_own_pidfile(pidfile: str | None) -> None:
         pass
 
 
-def makeService(options: service.Options) -> MultiService:
-    """:func:`neurotrale_twisted.service.makeService`, with one-line start-up failures."""
+def makeService(options: service.Options, reactor: IReactorCore | None = None) -> MultiService:
+    """:func:`neurotrale_twisted.service.makeService`, with one-line start-up failures.
+
+    twistd calls it with the options alone, once it has installed the reactor: that one is
+    used unless ``reactor`` is given.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as installed
+
+        reactor = cast(IReactorCore, installed)
     top = _Startup(getattr(options, "parent", None), list(options["listen"]))
-    service.makeService(options).setServiceParent(top)
+    service.makeService(options, reactor).setServiceParent(top)
     return top
 
 

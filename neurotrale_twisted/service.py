@@ -10,12 +10,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTime,
+)
 from twisted.logger import (
     ILogObserver,
     LogEvent,
@@ -28,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from . import project_version
+from .adopted import Inherited, serve_inherited
 from .annotations import remove_stale_temporaries
 from .connections import (
     FD_SETSIZE,
@@ -38,9 +45,11 @@ from .connections import (
 from .cpus import usable_cpus
 from .datasets import find_datasets
 from .http import CorsPolicy, HttpSettings
-from .metrics import ServerMetrics
+from .metrics import MULTIPROCESS_ENV, ServerMetrics
 from .paths import DataRoot
 from .serving import ServingSite
+from .web import Neurotrale
+from .workers import DRAIN_SECONDS, WorkerPool, listen
 
 log = Logger()
 
@@ -181,11 +190,21 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        #: The command-line arguments parsed, for worker processes to parse again (None
+        #: until :meth:`parseOptions`).
+        self.arguments: list[str] | None = None
         self["listen"] = []
         self["cors-origin"] = []
         for name, handler in self._dispatch.items():
             if type(handler) is usage.CoerceParameter:
                 self._dispatch[name] = _NamedParameter(self, handler.coerce)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse ``options`` (else this process's command line), and keep them: each worker
+        process parses the same arguments with this same class."""
+        arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(arguments)
+        self.arguments = arguments
 
     def opt_version(self) -> None:
         """Print the version of neurotrale-twisted and exit."""
@@ -288,14 +307,12 @@ class ThreadPoolService(service.Service):
         return self.drained().addCallback(lambda _: self.pool.stop())
 
 
-def log_to_file_from_environment() -> None:
+def log_to_file_from_environment(reactor: IReactorCore) -> None:
     """Send the log to ``$PRECOMPUTED_LOGGING`` when it names a file.
 
     twistd begins logging after ``makeService`` and then replays what was logged before to
-    every observer, this one too: each event is written once.
+    every observer, this one too: each event is written once (until ``reactor`` runs).
     """
-    from twisted.internet import reactor
-
     target = os.environ.get("PRECOMPUTED_LOGGING")
     if not target:
         return
@@ -318,7 +335,7 @@ def log_to_file_from_environment() -> None:
         early = None
 
     globalLogPublisher.addObserver(observe)
-    reactor.callWhenRunning(running)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(running)
 
 
 def connection_limit(options: Options, reactor: object, worker: int) -> int:
@@ -354,28 +371,32 @@ def connection_limit(options: Options, reactor: object, worker: int) -> int:
     return int(limit)
 
 
-def makeService(options: Options) -> service.MultiService:
-    """Build the server: the thread pool, the application, one listener per ``--listen``."""
-    from twisted.internet import reactor
+def makeService(
+    options: Options, reactor: IReactorCore, worker: Inherited | None = None
+) -> service.MultiService:
+    """Build the server on ``reactor``: the thread pool, the application, one listener per
+    ``--listen`` and, with ``--workers N`` over 1, the pool of N-1 worker processes; in a
+    worker process (``worker``), the sockets it inherited instead.
 
-    from .web import Neurotrale
-    from .workers import WORKER_KEY, serve
-
-    log_to_file_from_environment()
+    ``reactor`` must also provide ``IReactorTime``, ``IReactorFromThreads``,
+    ``IReactorSocket`` and ``IReactorProcess``, as Twisted's reactors do (TypeError if not).
+    """
+    clock = IReactorTime(reactor)
+    log_to_file_from_environment(reactor)
     top = service.MultiService()
     pool = ThreadPool(minthreads=0, maxthreads=options["threads"], name="neurotrale")
     cors = CorsPolicy(tuple(options["cors-origin"]) or ("*",))
     root = DataRoot(options["path"], follow_symlinks=bool(options["follow-symlinks"]))
-    worker = (options.get(WORKER_KEY) or {}).get("index", 0)
+    index = 0 if worker is None else worker.index
     # The parent cleans up after interrupted writes; its workers need not do it again.
-    threads = ThreadPoolService(pool, None if worker else root)
+    threads = ThreadPoolService(pool, None if index else root)
     threads.setServiceParent(top)
-    max_connections = connection_limit(options, reactor, worker)
+    max_connections = connection_limit(options, reactor, index)
     metrics = ServerMetrics()
     app = Neurotrale(
         root,
         pool,
-        cast(IReactorFromThreads, reactor),
+        IReactorFromThreads(reactor),
         keep_versions=options["keep-versions"],
         cors=cors,
         metrics=metrics,
@@ -397,9 +418,28 @@ def makeService(options: Options) -> service.MultiService:
         app.resource(),
         settings,
         metrics,
-        worker=worker,
+        worker=index,
         trust_proxy=bool(options["trust-proxy"]),
     )
-    serve(options, site, top, threads)
+    # Stopping waits for the requests in flight before the thread pool stops.
+    threads.drained = lambda: site.drain(clock, DRAIN_SECONDS)
+    if worker is not None:
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if directory:
+            metrics.share(directory)
+        serve_inherited(worker, site, top, IReactorSocket(reactor), clock)
+    else:
+        endpoints = listen(options["listen"], site, top, clock)
+        if options["workers"] > 1:
+            if options.arguments is None:
+                raise ValueError("worker processes need options parsed by parseOptions")
+            WorkerPool(
+                options["workers"] - 1,
+                options.arguments,
+                endpoints,
+                metrics,
+                IReactorProcess(reactor),
+                clock,
+            ).setServiceParent(top)
     log.info("serving {root} on {listen}", root=str(root.root), listen=", ".join(options["listen"]))
     return top

@@ -1,59 +1,59 @@
 """The pool behind ``--workers N``: a parent that listens, N-1 children that adopt its sockets.
 
-The parent opens every ``--listen`` endpoint (``tcp:``, ``unix:``, ``ssl:``, ``systemd:``), and
-:class:`WorkerPool` (Twisted's ``ProcessMonitor``, which restarts a process that dies, with a
-back-off when it dies young) starts N-1 copies of this module's :func:`main` with the
-listening sockets as file descriptors 3, 4, .... Each child builds the same application as
-the parent (its own reactor, thread pool and decoder) and adopts the sockets with
-``reactor.adoptStreamPort``; the kernel hands each new connection to one of the processes
-waiting on the socket, so every core serves. An ``ssl:`` socket is adopted as TCP and
-wrapped in TLS with the endpoint's own certificate, exactly as the parent's is.
+The parent opens every ``--listen`` endpoint (``tcp:``, ``unix:``, ``ssl:``, ``systemd:``;
+:func:`listen`), and :class:`WorkerPool` starts N-1 worker processes
+(:mod:`neurotrale_twisted.worker`) with ``spawnProcess``, the listening sockets as their file
+descriptors 3, 4, ... (``childFDs``). A worker parses the parent's own command-line arguments
+with the same :class:`~neurotrale_twisted.service.Options`, builds the same application (its
+own reactor, thread pool and decoder) and adopts the sockets
+(:mod:`neurotrale_twisted.adopted`); the kernel hands each new connection to one of the
+processes waiting on the socket, so every core serves.
 
-Children log JSON lines on their stdout; the parent re-emits each event into its own log
-(twistd's log file or stdout, and ``$PRECOMPUTED_LOGGING``) tagged ``worker-I:PID``. A child
-stops when its stdin (a pipe from the parent) closes, so none outlives a killed parent, and
-on SIGTERM, like the parent, after answering the requests it is busy with.
+The supervision is the pool's own, on ``callLater``: a worker that dies is started again, at
+once if it had run :attr:`WorkerPool.threshold` seconds, else after 1, 2, 4, ... up to
+:attr:`WorkerPool.max_restart_delay` seconds; stopping the pool sends SIGTERM to each worker
+(which answers the requests it is busy with, then exits), SIGKILL to one still there after
+:attr:`WorkerPool.kill_after` seconds, and waits until every one has exited. A stopped pool
+starts again.
+
+Workers log JSON lines on their stdout; the parent re-emits each event into its own log
+(twistd's log file or stdout, and ``$PRECOMPUTED_LOGGING``) tagged ``worker-I:PID``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import stat
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import abstract, fdesc, protocol, tcp, unix
+from twisted.internet import protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.logger import (
-    Logger,
-    eventFromJSON,
-    globalLogBeginner,
-    globalLogPublisher,
-    jsonFileLogObserver,
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorProcess,
+    IReactorTime,
+    IStreamServerEndpoint,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
+from .adopted import Inherited, SharedSocket
 from .connections import guard_port
 from .metrics import MULTIPROCESS_ENV, ServerMetrics
-
-if TYPE_CHECKING:
-    from .service import Options, ThreadPoolService
-    from .serving import ServingSite
+from .serving import ServingSite
 
 log = Logger()
 
@@ -61,45 +61,33 @@ log = Logger()
 DRAIN_SECONDS = 8
 #: The first file descriptor of the inherited sockets in a child.
 FIRST_INHERITED_FD = 3
-#: Options key under which a child finds its index and its inherited sockets.
-WORKER_KEY = "worker"
 #: Environment variables that belong to the parent alone.
 _PARENT_ONLY_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
-_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
 _ADDRESSES = ((IPv6Address, "INET6"), (IPv4Address, "INET"), (UNIXAddress, "UNIX"))
-
-
-@dataclass(frozen=True)
-class SharedSocket:
-    """A listening socket the parent passes to its children.
-
-    ``fd`` is its number in the child, ``family`` ``INET``, ``INET6`` or ``UNIX``, and
-    ``tls`` the ``ssl:`` endpoint description whose certificate wraps it, if any.
-    """
-
-    fd: int
-    family: str
-    tls: str | None = None
+#: The endpoint types whose listening socket a child can adopt.
+_SHAREABLE = ("tcp", "tcp6", "unix", "ssl", "systemd")
 
 
 @implementer(IStreamServerEndpoint)
 class _RecordingEndpoint:
     """An endpoint that remembers the port it listened on, to share it with the children."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, description: str) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, description: str, clock: IReactorTime
+    ) -> None:
         self.endpoint = endpoint
         self.description = description
+        self.clock = clock
         self.port: IListeningPort | None = None
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Listen, keep the port, and let it admit only what the site admits."""
-        from twisted.internet import reactor
 
         def keep(port: IListeningPort) -> IListeningPort:
             self.port = port
             admit = getattr(factory, "admit", None)
             if admit is not None:
-                guard_port(port, admit, reactor)  # type: ignore[arg-type]
+                guard_port(port, admit, self.clock)
             return port
 
         return self.endpoint.listen(factory).addCallback(keep)
@@ -112,7 +100,7 @@ class _RecordingEndpoint:
         if port is None or fileno is None:
             return None
         kind = self.description.split(":", 1)[0].strip().lower()
-        if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd"):
+        if kind not in _SHAREABLE:
             return None
         host = port.getHost()
         family = next((name for kind, name in _ADDRESSES if isinstance(host, kind)), None)
@@ -121,39 +109,20 @@ class _RecordingEndpoint:
         return fileno(), SharedSocket(fd, family, self.description if kind == "ssl" else None)
 
 
-def serve(
-    options: Options, site: ServingSite, top: service.MultiService, threads: ThreadPoolService
-) -> None:
-    """Add the listeners of ``options`` to ``top``, and the pool of worker processes.
-
-    In the parent: one listener per ``--listen``, and with ``--workers N`` over 1 a
-    :class:`WorkerPool` of N-1 children. In a child: the sockets it inherited. Either way,
-    stopping waits for the requests in flight before the thread pool stops.
-    """
-    from twisted.internet import reactor
-
-    threads.drained = lambda: site.drain(reactor, DRAIN_SECONDS)  # type: ignore[arg-type]
-    worker = options.get(WORKER_KEY)
-    if worker is not None:
-        directory = os.environ.get(MULTIPROCESS_ENV)
-        if directory:
-            site.metrics.share(directory)
-        for shared in worker["sockets"]:
-            AdoptedSocketService(SharedSocket(**shared), site).setServiceParent(top)
-        return
+def listen(
+    descriptions: Sequence[str], site: ServingSite, top: service.MultiService, clock: IReactorTime
+) -> list[_RecordingEndpoint]:
+    """Add to ``top`` one listener per endpoint description (Twisted's ``strports``); the
+    endpoints returned remember their ports, for a :class:`WorkerPool` to share."""
     endpoints = []
-    for description in options["listen"]:
+    for description in descriptions:
         listener = strports.service(description, site)
         assert isinstance(listener, StreamServerEndpointService)
-        endpoint = _RecordingEndpoint(listener.endpoint, description)
+        endpoint = _RecordingEndpoint(listener.endpoint, description, clock)
         listener.endpoint = endpoint
         listener.setServiceParent(top)
         endpoints.append(endpoint)
-    if options["workers"] > 1:
-        WorkerPool(options, endpoints, site.metrics).setServiceParent(top)
-
-
-# --- the parent ---------------------------------------------------------------------------
+    return endpoints
 
 
 class WorkerProtocol(protocol.ProcessProtocol):
@@ -215,38 +184,68 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.pool.worker_exited(self, reason)
 
 
-class WorkerPool(ProcessMonitor):
-    """N-1 child processes serving the parent's listening sockets; restarted when they die.
+@dataclass
+class _Worker:
+    """One place in the pool: the process in it now (if any) and when to start the next."""
 
-    ``ProcessMonitor`` gives the restart with back-off (a child that dies within
-    ``threshold`` seconds of its start waits 1, 2, 4, ... up to ``maxRestartDelay`` seconds)
-    and SIGTERM, then SIGKILL after ``killTime``, at shutdown; this class passes the
-    sockets to the children and waits for them to exit before the parent does.
+    index: int
+    #: Seconds to wait before starting the next process if this one dies young.
+    delay: float
+    process: WorkerProtocol | None = None
+    started: float = 0.0
+    restart: IDelayedCall | None = None
+
+
+@dataclass
+class _Stopping:
+    """A process told to stop: fires ``exited`` when it has, is killed by ``kill`` if late."""
+
+    exited: Deferred[None]
+    kill: IDelayedCall
+
+
+class WorkerPool(service.Service):
+    """``count`` worker processes serving the parent's listening sockets.
+
+    ``arguments`` are the parent's command-line options (each worker parses them again);
+    ``endpoints`` the parent's listeners, whose sockets are shared when the pool starts.
+    ``processes`` spawns the workers and ``clock`` times their restarts and their stop.
     """
 
-    threshold = 10
-    killTime = DRAIN_SECONDS + 2
-    maxRestartDelay = 60
+    #: A worker that ran this many seconds is restarted at once; one that died younger waits.
+    threshold = 10.0
+    #: The first and the longest wait before a worker that died young is started again.
+    min_restart_delay = 1.0
+    max_restart_delay = 60.0
+    #: Seconds after SIGTERM before a worker still running is killed.
+    kill_after = DRAIN_SECONDS + 2
 
     def __init__(
-        self, options: Options, endpoints: Sequence[_RecordingEndpoint], metrics: ServerMetrics
+        self,
+        count: int,
+        arguments: Sequence[str],
+        endpoints: Sequence[_RecordingEndpoint],
+        metrics: ServerMetrics,
+        processes: IReactorProcess,
+        clock: IReactorTime,
     ) -> None:
-        from twisted.internet import reactor
-
-        super().__init__(reactor)  # type: ignore[arg-type]
-        self.clock = reactor
-        self.options = options
+        self.count = count
+        self.arguments = list(arguments)
         self.endpoints = endpoints
         self.metrics = metrics
-        self.count = options["workers"] - 1
+        self.processes = processes
+        self.clock = clock
         self.directory: str | None = None
-        self._child_fds: dict[int, int] = {}
-        self._commands: dict[str, list[str]] = {}
-        self._exits: dict[str, list[Deferred[None]]] = {}
+        self._workers: dict[int, _Worker] = {}
+        self._stopping: dict[WorkerProtocol, _Stopping] = {}
+        self._child_fds: dict[int, int | str] = {}
+        self._sockets: tuple[SharedSocket, ...] = ()
 
     def startService(self) -> None:
-        """Share the listening sockets and the metrics directory, then start the children."""
-        sockets: list[dict[str, object]] = []
+        """Share the listening sockets and the metrics directory, then start the workers."""
+        super().startService()
+        sockets: list[SharedSocket] = []
+        self._child_fds = {0: "w", 1: "r", 2: "r"}
         for endpoint in self.endpoints:
             shared = endpoint.shared(FIRST_INHERITED_FD + len(sockets))
             if shared is None:
@@ -257,251 +256,123 @@ class WorkerPool(ProcessMonitor):
                 continue
             parent_fd, socket_info = shared
             self._child_fds[socket_info.fd] = parent_fd
-            sockets.append(socket_info.__dict__)
+            sockets.append(socket_info)
         if not sockets:
             log.warn("no listening socket can be shared: the parent process serves alone")
-            super().startService()
             return
+        self._sockets = tuple(sockets)
         self.directory = tempfile.mkdtemp(prefix="neurotrale-metrics-")
         self.metrics.share(self.directory)
-        options = {key: value for key, value in self.options.items() if key != WORKER_KEY}
-        for index in range(1, self.count + 1):
-            name = f"worker-{index}"
-            blob = json.dumps({"index": index, "sockets": sockets, "options": options}, default=str)
-            self._commands[name] = [sys.executable, "-c", _WORKER_BOOT, blob, _import_path()]
-            self.addProcess(name, self._commands[name], env=self._child_environment())
         log.info("starting {n} worker process(es) beside this one", n=self.count)
-        super().startService()
+        self._workers = {i: _Worker(i, self.min_restart_delay) for i in range(1, self.count + 1)}
+        for worker in self._workers.values():
+            self._start(worker)
 
-    def _child_environment(self) -> dict[str, str]:
+    def command(self, index: int) -> list[str]:
+        """The command line of worker ``index``: the parent's import path, what the worker
+        inherits, and the parent's own options."""
+        inherited = Inherited(index, self._sockets).to_json()
+        return [sys.executable, "-c", _WORKER_BOOT, _import_path(), inherited, *self.arguments]
+
+    def _environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY_ENV}
         env.pop("PRECOMPUTED_LOGGING", None)  # the parent writes every process's log
         assert self.directory is not None
         env[MULTIPROCESS_ENV] = self.directory
         return env
 
-    def startProcess(self, name: str) -> None:
-        """Start one child with the listening sockets as its descriptors 3, 4, ..."""
-        if name in self.protocols:
-            return
-        index = int(name.rsplit("-", 1)[1])
-        proto = WorkerProtocol(self, name, index)
-        self.protocols[name] = proto  # type: ignore[assignment]
-        self.timeStarted[name] = self.clock.seconds()
-        child_fds: dict[int, str | int] = {0: "w", 1: "r", 2: "r", **self._child_fds}
+    def _start(self, worker: _Worker) -> None:
+        """Start a process in ``worker``'s place, the listening sockets as its 3, 4, ..."""
+        worker.restart = None
+        process = worker.process = WorkerProtocol(self, f"worker-{worker.index}", worker.index)
+        worker.started = self.clock.seconds()
         try:
-            self.clock.spawnProcess(  # type: ignore[attr-defined]
-                proto,
+            self.processes.spawnProcess(
+                process,
                 sys.executable,
-                self._commands[name],
-                env=self._child_environment(),
-                childFDs=child_fds,
+                self.command(worker.index),
+                env=self._environment(),
+                childFDs=self._child_fds,
             )
         except OSError:
-            self._monitoredProcessExited(name, Failure())
+            self.worker_exited(process, Failure())
 
-    def worker_exited(self, proto: WorkerProtocol, reason: Failure) -> None:
-        """Forget the child's live gauges; restart it unless the server is stopping."""
-        if self.directory is not None and proto.pid:
-            ServerMetrics.process_exited(self.directory, proto.pid)
-        if self.running:
-            self.metrics.worker_restarted()
-            log.warn(
-                "worker {index} (pid {pid}) exited: {why}; restarting it",
-                index=proto.index,
-                pid=proto.pid,
-                why=reason.getErrorMessage(),
-            )
-        self._monitoredProcessExited(proto.name, reason)
-        for waiting in self._exits.pop(proto.name, []):
-            waiting.callback(None)
+    def worker_exited(self, process: WorkerProtocol, reason: Failure) -> None:
+        """Forget the process's live gauges; start another in its place while the pool runs
+        (after a wait if it died young), or note that it stopped."""
+        if self.directory is not None and process.pid:
+            ServerMetrics.process_exited(self.directory, process.pid)
+        stopping = self._stopping.pop(process, None)
+        if stopping is not None:
+            if stopping.kill.active():
+                stopping.kill.cancel()
+            stopping.exited.callback(None)
+            return
+        worker = self._workers.get(process.index)
+        if worker is None or worker.process is not process:
+            return
+        worker.process = None
+        if self.clock.seconds() - worker.started < self.threshold:
+            delay = worker.delay
+            worker.delay = min(delay * 2, self.max_restart_delay)
+        else:
+            delay, worker.delay = 0.0, self.min_restart_delay
+        self.metrics.worker_restarted()
+        log.warn(
+            "worker {index} (pid {pid}) exited: {why}; restarting it in {delay:g} s",
+            index=process.index,
+            pid=process.pid,
+            why=reason.getErrorMessage(),
+            delay=delay,
+        )
+        worker.restart = self.clock.callLater(delay, self._start, worker)
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        """Stop every child (SIGTERM, SIGKILL after ``killTime``) and wait until they exit."""
-        waits: list[Deferred[None]] = []
-        for name in list(self.protocols):
-            waiting: Deferred[None] = Deferred()
-            self._exits.setdefault(name, []).append(waiting)
-            waits.append(waiting)
+    def stopService(self) -> Deferred[None]:
+        """Stop every worker (SIGTERM, SIGKILL after :attr:`kill_after` seconds) and fire
+        once all have exited."""
         super().stopService()
+        workers, self._workers = self._workers, {}
+        waits: list[Deferred[None]] = []
+        for worker in workers.values():
+            if worker.restart is not None and worker.restart.active():
+                worker.restart.cancel()
+            process = worker.process
+            if process is None:
+                continue
+            kill = self.clock.callLater(self.kill_after, self._signal, process, "KILL")
+            stopping = self._stopping[process] = _Stopping(Deferred(), kill)
+            waits.append(stopping.exited)
+            self._signal(process, "TERM")
         log.info("stopping {n} worker process(es)", n=len(waits))
-        done = DeferredList(waits) if waits else succeed([])
+        directory = self.directory
 
         def clean_up(_: object) -> None:
-            if self.directory is not None:
-                shutil.rmtree(self.directory, ignore_errors=True)
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            if self.directory == directory:
                 self.directory = None
 
-        return done.addCallback(clean_up)
+        return gatherResults(waits).addCallback(clean_up)
+
+    @staticmethod
+    def _signal(process: WorkerProtocol, signal: str) -> None:
+        """Send ``signal`` to ``process`` unless it is gone already."""
+        if process.transport is None:
+            return
+        with contextlib.suppress(ProcessExitedAlready):  # its processEnded is on its way
+            process.transport.signalProcess(signal)
 
 
-# --- a child ------------------------------------------------------------------------------
-
-
-class _AdoptedUNIXPort(unix.Port):  # type: ignore[misc]
-    """A UNIX socket adopted from the parent: stopping it leaves the socket alone.
-
-    Twisted's UNIX port shuts its socket down and removes its file when it stops; both are
-    the parent's, which still serves on them (TCP ports adopted this way already skip the
-    shutdown).
-    """
-
-    _shouldShutdown = False
-
-    def connectionLost(self, reason: Failure) -> None:
-        tcp.Port.connectionLost(self, reason)
-
-
-class AdoptedSocketService(service.Service):
-    """Serves ``site`` on a listening socket inherited from the parent."""
-
-    def __init__(self, shared: SharedSocket, site: ServingSite) -> None:
-        self.shared = shared
-        self.site = site
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        """Adopt the socket (before privileges are dropped, like the parent's listen)."""
-        from twisted.internet import reactor
-
-        super().privilegedStartService()
-        factory: IProtocolFactory = self.site
-        if self.shared.tls is not None:
-            endpoint = serverFromString(reactor, self.shared.tls)
-            # The endpoint parsed the certificate options exactly as the parent's did.
-            context = endpoint._sslContextFactory  # type: ignore[attr-defined]
-            factory = TLSMemoryBIOFactory(context, False, self.site)
-        fd = self.shared.fd
-        fdesc.setNonBlocking(fd)
-        if self.shared.family == "UNIX":
-            port = _AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
-            with socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                path = probe.getsockname()
-            if isinstance(path, str) and path and not path.startswith("\0"):
-                port.mode = stat.S_IMODE(os.stat(path).st_mode)  # keep the parent's mode
-            port.startListening()
-            self.port = port
-        else:
-            self.port = reactor.adoptStreamPort(  # type: ignore[attr-defined]
-                fd, _FAMILIES[self.shared.family], factory
-            )
-        guard_port(self.port, self.site.admit, reactor)  # type: ignore[arg-type]
-        os.close(fd)  # the port holds its own duplicate
-
-    def startService(self) -> None:
-        """Adopt the socket if that was not done yet."""
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> Deferred[None] | None:
-        """Stop accepting connections on the socket."""
-        super().stopService()
-        if self.port is None:
-            return None
-        return self.port.stopListening()  # type: ignore[return-value]
-
-
-class _ParentWatch(abstract.FileDescriptor):
-    """Reads the child's stdin, a pipe from the parent: end of file means the parent is gone."""
-
-    def __init__(self, on_close: Callable[[], None]) -> None:
-        super().__init__()
-        self.on_close = on_close
-        fdesc.setNonBlocking(0)
-
-    def fileno(self) -> int:
-        """Standard input."""
-        return 0
-
-    def doRead(self) -> Any:
-        """Discard what the parent sends; report the end of the pipe."""
-        return fdesc.readFromFD(0, lambda data: None)
-
-    def connectionLost(self, reason: Failure) -> None:
-        """The parent went away: stop serving."""
-        super().connectionLost(reason)
-        self.on_close()
-
-
-#: How a worker process starts: with the parent's import path, then :func:`main`. Not
-#: ``python -m``, which puts the working directory first on the path, so that a directory named
-#: ``neurotrale_twisted`` there (the data root, a source tree, anything someone could write)
-#: would be the code the workers run.
+#: How a worker process starts: with the parent's import path, then
+#: :func:`neurotrale_twisted.worker.main`. Not ``python -m``, which puts the working directory
+#: first on the path, so that a directory named ``neurotrale_twisted`` there (the data root, a
+#: source tree, anything someone could write) would be the code the workers run.
 _WORKER_BOOT = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
-    "from neurotrale_twisted.workers import main; main(sys.argv[1:2])"
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from neurotrale_twisted.worker import main; main(sys.argv[2:])"
 )
 
 
 def _import_path() -> str:
     """This process's import path, as JSON, for a worker to import exactly what it imported."""
     return json.dumps([os.path.abspath(entry) if entry else os.getcwd() for entry in sys.path])
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """A worker process: build the application from the parent's options, serve until told
-    to stop (SIGTERM or SIGINT) or until the parent goes away."""
-    from twisted.internet import reactor
-
-    from .service import Options, makeService
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    spec = json.loads(args[0])
-    index = int(spec["index"])
-    stdout = sys.stdout
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(stdout, recordSeparator="")])
-
-    options = Options()
-    options.update(spec["options"])
-    options["workers"] = 1
-    options[WORKER_KEY] = {"index": index, "sockets": spec["sockets"]}
-    top = makeService(options)
-    top.privilegedStartService()
-
-    stopping: list[bool] = []
-    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)  # type: ignore[attr-defined]
-
-    def stop(why: str) -> None:
-        # Once: a worker can be told twice (SIGTERM from the parent and from a `kill` of the
-        # whole process group), and a second reactor.stop() is an error.
-        if not stopping:
-            stopping.append(True)
-            log.info("worker {index}: {why}; stopping", index=index, why=why)
-            reactor.stop()  # type: ignore[attr-defined]
-
-    def parent_gone() -> None:
-        stop("the parent process is gone")
-
-    def install_signal_handlers() -> None:
-        # Ctrl-C in a terminal reaches the whole process group; the parent stops the
-        # workers itself, in order, so a worker must not stop (and be restarted) first.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(
-            signal.SIGTERM,
-            lambda *_: reactor.callFromThread(stop, "received SIGTERM"),  # type: ignore[attr-defined]
-        )
-
-    watch = _ParentWatch(parent_gone)
-    reactor.callWhenRunning(install_signal_handlers)  # type: ignore[attr-defined]
-    reactor.addReader(watch)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(top.startService)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        log.info,
-        "worker {index} serving on {n} inherited socket(s)",
-        index=index,
-        n=len(spec["sockets"]),
-    )
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    # Everything is stopped and logged; skip the interpreter's slow teardown of numpy & co.
-    stdout.flush()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    # Run main from the module under its own name, not as __main__, so that the classes
-    # makeService imports are the same ones.
-    from neurotrale_twisted import workers
-
-    workers.main()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from twisted.application import internet
+from twisted.internet import reactor
 from twisted.python import usage
 
 from neurotrale_twisted.cpus import usable_cpus
@@ -94,7 +95,7 @@ def test_make_service_has_a_pool_and_one_listener_per_endpoint(tmp_path: Path) -
         "--cors-origin",
         "https://a.example",
     )
-    top = makeService(options)
+    top = makeService(options, reactor)
     services = list(top)
     assert sum(isinstance(s, ThreadPoolService) for s in services) == 1
     listeners = [s for s in services if isinstance(s, internet.StreamServerEndpointService)]
@@ -107,11 +108,11 @@ def test_workers_and_trust_proxy(tmp_path: Path) -> None:
 
     options = parse("--path", str(tmp_path), "--workers", "4", "--trust-proxy")
     assert options["trust-proxy"]
-    pools = [s for s in makeService(options) if isinstance(s, WorkerPool)]
+    pools = [s for s in makeService(options, reactor) if isinstance(s, WorkerPool)]
     assert len(pools) == 1 and pools[0].count == 3
     single = parse("--path", str(tmp_path), "--workers", "1")
     assert not single["trust-proxy"]
-    services = list(makeService(single))
+    services = list(makeService(single, reactor))
     assert not any(isinstance(s, WorkerPool) for s in services)
     listener = next(s for s in services if isinstance(s, internet.StreamServerEndpointService))
     assert isinstance(listener.factory, ServingSite)

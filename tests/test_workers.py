@@ -426,3 +426,209 @@ def test_workers_never_import_a_package_planted_in_the_working_directory(
         assert not marker.exists()
     finally:
         server.stop()
+
+
+# --- the pool's supervision, on a fake clock and a fake process reactor -----------------
+
+
+class FakeProcess:
+    """The transport of a process the fake reactor "started": records the signals sent."""
+
+    def __init__(self, pid: int, args: list[str], env: dict[str, str], child_fds: Any) -> None:
+        self.pid = pid
+        self.args = args
+        self.env = env
+        self.child_fds = child_fds
+        self.signals: list[str] = []
+        self.protocol: Any = None
+
+    def signalProcess(self, signal_name: str) -> None:
+        self.signals.append(signal_name)
+
+    def end(self, signal_number: int | None = 15) -> None:
+        """The process exits (killed by ``signal_number``, or with status 0 when None)."""
+        from twisted.internet.error import ProcessDone, ProcessTerminated
+        from twisted.python.failure import Failure
+
+        if signal_number is None:
+            self.protocol.processEnded(Failure(ProcessDone(0)))
+        else:
+            self.protocol.processEnded(Failure(ProcessTerminated(signal=signal_number)))
+
+
+class FakeProcessReactor:
+    """An ``IReactorProcess`` that starts nothing: it keeps what it was asked to start."""
+
+    def __init__(self) -> None:
+        self.started: list[FakeProcess] = []
+        self.fail = False
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, env: Any = None, **kw: Any):
+        if self.fail:
+            raise OSError("no more processes")
+        process = FakeProcess(1000 + len(self.started), list(args), dict(env), kw["childFDs"])
+        process.protocol = protocol
+        self.started.append(process)
+        protocol.makeConnection(process)
+        return process
+
+    def running(self) -> list[FakeProcess]:
+        return [p for p in self.started if not getattr(p, "ended", False)]
+
+
+class SharedEndpoint:
+    """A parent's listener whose socket (descriptor 42 in the parent) the pool shares."""
+
+    description = "tcp:9000"
+
+    def shared(self, fd: int) -> Any:
+        from neurotrale_twisted.adopted import SharedSocket
+
+        return 42, SharedSocket(fd, "INET")
+
+
+class CountingMetrics:
+    def __init__(self) -> None:
+        self.directories: list[str] = []
+        self.restarts = 0
+
+    def share(self, directory: str) -> None:
+        self.directories.append(directory)
+
+    def worker_restarted(self) -> None:
+        self.restarts += 1
+
+
+def fake_pool(count: int = 2, arguments: tuple[str, ...] = ("--path", "/srv")) -> Any:
+    from twisted.internet.task import Clock
+
+    from neurotrale_twisted.workers import WorkerPool
+
+    clock, processes, metrics = Clock(), FakeProcessReactor(), CountingMetrics()
+    endpoints: list[Any] = [SharedEndpoint()]
+    pool = WorkerPool(count, arguments, endpoints, metrics, processes, clock)
+    return pool, clock, processes, metrics
+
+
+def end(process: FakeProcess, signal_number: int | None = 15) -> None:
+    process.ended = True  # type: ignore[attr-defined]
+    process.end(signal_number)
+
+
+def test_the_pool_stops_every_worker_then_starts_again() -> None:
+    pool, clock, processes, metrics = fake_pool(count=2)
+    pool.startService()
+    first = processes.running()
+    assert len(first) == 2
+    assert all(p.child_fds == {0: "w", 1: "r", 2: "r", 3: 42} for p in first)
+    directory = metrics.directories[0]
+    assert os.path.isdir(directory)
+    assert all(p.env["PROMETHEUS_MULTIPROC_DIR"] == directory for p in first)
+
+    stopped: list[object] = []
+    pool.stopService().addCallback(stopped.append)
+    assert [p.signals for p in first] == [["TERM"], ["TERM"]]
+    end(first[0])
+    assert not stopped  # one is still draining
+    clock.advance(pool.kill_after)
+    assert first[1].signals == ["TERM", "KILL"]
+    end(first[1], 9)
+    assert stopped == [None]
+    assert not os.path.exists(directory)
+    clock.advance(120)
+    assert len(processes.started) == 2  # nothing restarted while stopped
+
+    pool.startService()  # and again
+    second = processes.running()
+    assert len(second) == 2 and not set(second) & set(first)
+    assert [p.args[-2:] for p in second] == [["--path", "/srv"]] * 2
+    stopped.clear()
+    pool.stopService().addCallback(stopped.append)
+    for process in second:
+        end(process)
+    assert stopped == [None]
+    assert clock.getDelayedCalls() == []  # no SIGKILL left waiting
+
+
+def test_a_worker_that_dies_young_is_restarted_after_1_2_4_up_to_60_s() -> None:
+    pool, clock, processes, metrics = fake_pool(count=1)
+    pool.startService()
+    waits = []
+    for _ in range(9):
+        (process,) = processes.running()
+        end(process, 9)
+        before = len(processes.started)
+        waited = 0.0
+        while len(processes.started) == before:
+            clock.advance(0.5)
+            waited += 0.5
+        waits.append(waited)
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert metrics.restarts == 9
+    # One that ran longer than the threshold is restarted at once, and the wait starts over.
+    clock.advance(pool.threshold)
+    end(processes.running()[0], 9)
+    clock.advance(0)
+    assert len(processes.running()) == 1
+    end(processes.running()[0], 9)
+    clock.advance(0.5)
+    assert not processes.running()
+    clock.advance(0.5)
+    assert len(processes.running()) == 1
+
+
+def test_a_worker_that_cannot_be_started_is_tried_again_and_stops_cleanly() -> None:
+    pool, clock, processes, _ = fake_pool(count=1)
+    processes.fail = True
+    pool.startService()
+    clock.advance(1 + 2)
+    assert not processes.started
+    processes.fail = False
+    clock.advance(4)
+    assert len(processes.running()) == 1
+    stopped: list[object] = []
+    pool.stopService().addCallback(stopped.append)
+    end(processes.running()[0])
+    assert stopped == [None]
+
+
+def test_a_worker_parses_the_parents_own_arguments_with_the_same_options(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    from neurotrale_twisted.adopted import Inherited, SharedSocket
+    from neurotrale_twisted.service import Options, makeService
+    from neurotrale_twisted.workers import _WORKER_BOOT, WorkerPool
+
+    arguments = ["--path", str(tmp_path), "--workers", "3", "--keep-versions", "5", "--read-only"]
+    options = Options()
+    options.parseOptions(arguments)
+    (pool,) = [s for s in makeService(options, reactor) if isinstance(s, WorkerPool)]
+    assert pool.count == 2
+    pool._sockets = (SharedSocket(3, "INET"),)
+    command = pool.command(1)
+    assert command[1:3] == ["-c", _WORKER_BOOT]
+    assert json.loads(command[3])  # the parent's import path
+    assert Inherited.from_json(command[4]) == Inherited(1, (SharedSocket(3, "INET"),))
+    assert command[5:] == arguments
+    again = Options()
+    again.parseOptions(command[5:])  # through postOptions: the defaults are filled in
+    assert dict(again) == dict(options)
+    assert again["listen"] == ["tcp:9000"] and again["threads"] == options["threads"]
+
+
+def test_the_pool_never_imports_the_service() -> None:
+    # The service builds the pool; a worker process builds the service: workers.py and
+    # adopted.py import neither service.py nor worker.py, not even inside a function.
+    import ast
+
+    package = Path(__file__).parent.parent / "neurotrale_twisted"
+    for name in ("workers.py", "adopted.py"):
+        imported = set()
+        for node in ast.walk(ast.parse((package / name).read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(("." * node.level) + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        forbidden = {".service", ".worker", ".command", "neurotrale_twisted.service"}
+        assert not imported & forbidden, (name, imported & forbidden)
+        assert "procmon" not in (package / name).read_text()

@@ -1,5 +1,6 @@
 """Registers ``twistd neurotrale``: its command line is :mod:`neurotrale_twisted.command`,
-the service it builds :mod:`neurotrale_twisted.service`."""
+the service it builds :mod:`neurotrale_twisted.service` (``command.makeService(options)``
+hands it the reactor twistd installed)."""
 
 from twisted.application.service import ServiceMaker
 
