@@ -163,7 +163,7 @@ class _NoFactory:
         """Never called."""
 
 
-class _AdoptedUNIXPort(unix.Port):  # type: ignore[misc]
+class _AdoptedUNIXPort(unix.Port):
     """A UNIX socket adopted from the parent: stopping it leaves the socket alone.
 
     Twisted's UNIX port shuts its socket down and removes its file when it stops; both are

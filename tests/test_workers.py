@@ -441,6 +441,7 @@ class FakeProcess:
         self.child_fds = child_fds
         self.signals: list[str] = []
         self.protocol: Any = None
+        self.ended = False
 
     def signalProcess(self, signal_name: str) -> None:
         self.signals.append(signal_name)
@@ -473,7 +474,7 @@ class FakeProcessReactor:
         return process
 
     def running(self) -> list[FakeProcess]:
-        return [p for p in self.started if not getattr(p, "ended", False)]
+        return [p for p in self.started if not p.ended]
 
 
 class SharedEndpoint:
@@ -511,7 +512,7 @@ def fake_pool(count: int = 2, arguments: tuple[str, ...] = ("--path", "/srv")) -
 
 
 def end(process: FakeProcess, signal_number: int | None = 15) -> None:
-    process.ended = True  # type: ignore[attr-defined]
+    process.ended = True
     process.end(signal_number)
 
 
