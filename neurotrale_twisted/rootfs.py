@@ -120,6 +120,10 @@ class Directory:
         with contextlib.suppress(OSError):
             self.close()
 
+    def status(self) -> os.stat_result:
+        """The status of this directory itself (its device and inode identify it)."""
+        return os.fstat(self.fd)
+
     def child_path(self, name: str) -> str:
         """``name`` inside this directory, relative to the root: for messages only."""
         return f"{self.relative}/{name}" if self.relative else name
@@ -267,11 +271,12 @@ class Directory:
         """``(name, is_directory)`` of each directory and regular file here that reads may reach.
 
         For listings and the dataset index. Left out: dot-names (history, locks,
-        temporaries), links unless ``follow`` (and then links that lead nowhere), FIFOs,
+        temporaries), names that are not UTF-8 (no URL can name them, and a page cannot
+        show them), links unless ``follow`` (and then links that lead nowhere), FIFOs,
         sockets and devices. In the order of the directory; sort them to show them.
         """
         for entry in self.entries():
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or not _is_utf8(entry.name):
                 continue
             try:
                 if entry.is_symlink():
@@ -454,6 +459,15 @@ class RootFS:
             raise NotFound("not a file")
         with self.open_dir(names[:-1]) as directory:
             return directory.open_file(names[-1], follow=self.follow_symlinks)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether file name ``name`` (decoded with ``surrogateescape``) was valid UTF-8 on disk."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_name(name: str) -> None:
