@@ -27,7 +27,7 @@ import tifffile
 
 from .cache import LruCache
 from .encoding import encode_body
-from .errors import NotFound, ServerError
+from .errors import Forbidden, NotFound, ServerError
 from .paths import DataRoot
 from .rootfs import Directory, OpenedFile
 
@@ -363,16 +363,21 @@ class ChunkSource:
 
         ``client_has`` is asked about the ETags of the file's current representations; when it
         holds one, the answer has no body. Raises :class:`NotFound` for a missing dataset,
-        scale or chunk, and :class:`ServerError` for a file that does not fit ``info``.
+        scale or chunk, :class:`Forbidden` for one the server may not read, and
+        :class:`ServerError` for a file that does not fit ``info``.
         """
         fs = self.root.fs
         follow = fs.follow_symlinks
-        with fs.open_dir(dataset) as directory:
-            where = os.path.join(fs.path, directory.relative)
-            info = os.path.join(where, "info")
-            fmt = scale_format(self.infos.read(directory, follow, info), key, info)
-            with directory.subdir(key, follow=follow) as scale:
-                filename, opened = open_chunk_file(scale, name, follow)
+        try:
+            with fs.open_dir(dataset) as directory:
+                where = os.path.join(fs.path, directory.relative)
+                info = os.path.join(where, "info")
+                fmt = scale_format(self.infos.read(directory, follow, info), key, info)
+                with directory.subdir(key, follow=follow) as scale:
+                    filename, opened = open_chunk_file(scale, name, follow)
+        except PermissionError:
+            # A directory or file on the way that the server may not read (chmod 000).
+            raise Forbidden("the server may not read this chunk") from None
         with opened:
             path = os.path.join(where, key, filename)
             return self._respond(opened, path, name, fmt, coding, client_has)
