@@ -438,6 +438,15 @@ class RootFS:
             current.st_ino,
         )
 
+    def may_read(self) -> bool:
+        """Whether this process may still list and enter the held root.
+
+        The handle opened at start-up lists the root whatever its mode became since, but
+        every walk below it needs the mode of now: a root made ``chmod 000`` (or one that
+        may be listed but not entered) serves nothing. Checked with the effective ids.
+        """
+        return os.access(".", os.R_OK | os.X_OK, dir_fd=self._fd, effective_ids=True)
+
     def root(self) -> Directory:
         """A new handle of the root directory itself."""
         return Directory(os.dup(self._fd), "")

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -288,3 +289,34 @@ async def test_links_never_multiply_the_index_walk(
     # The links are still followed for reads.
     response = await treq.get(server.url + "/l3/l5/demo-brain/info")
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_is_503_once_the_root_may_not_be_read(
+    serve: Callable[..., RunningServer],
+) -> None:
+    """A root made unreadable after start-up (chmod by its owner) serves nothing: the
+    handle held since start-up still lists it, but the health check must not say ok."""
+    # Not under pytest's private temporary directory: ``nobody`` must reach the path too.
+    data_root = Path(tempfile.mkdtemp(prefix="neurotrale-attack-"))
+    data_root.chmod(0o755)
+    write_info(data_root / "brain", (8, 8, 2))
+    server = serve(data_root)
+
+    async def health() -> tuple[int, dict[str, str]]:
+        with unprivileged():
+            response = await treq.get(server.url + "/healthz")
+            return response.code, json.loads(await treq.content(response))
+
+    try:
+        assert (await health())[0] == 200
+        for mode in (0, 0o311, 0o644):  # nothing; enter but not list; list but not enter
+            data_root.chmod(mode)
+            code, document = await health()
+            assert (code, document["status"]) == (503, "unavailable"), (oct(mode), document)
+            assert str(data_root) not in document["detail"]
+        data_root.chmod(0o755)
+        assert (await health())[0] == 200
+    finally:
+        data_root.chmod(0o755)
+        shutil.rmtree(data_root)
