@@ -183,6 +183,23 @@ def not_modified(request: IRequest, etag: str) -> bool:
     return False
 
 
+def if_range_holds(request: IRequest, etag: str, last_modified: bytes) -> bool:
+    """Whether the request's ``Range`` may be served (RFC 9110 13.1.5).
+
+    True without ``If-Range``, or when it names this representation: its strong ``etag``
+    (a weak tag never matches), or exactly the ``last_modified`` date the answer carries.
+    Otherwise the range is ignored and the whole body sent: the client holds the start of
+    another version.
+    """
+    header: bytes | None = request.getHeader(b"if-range")
+    if header is None:
+        return True
+    value = header.strip()
+    if value.startswith((b'"', b"W/")):
+        return value == etag.encode()
+    return value == last_modified
+
+
 # --- content encoding ---------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ errors raised by the core become JSON answers in one handler below.
 from __future__ import annotations
 
 import html
+import math
 import os
 from collections.abc import Callable
 from typing import Any, BinaryIO, ParamSpec, TypeVar
@@ -43,6 +44,7 @@ from .http import (
     Unsatisfiable,
     choose_encoding,
     error_response,
+    if_range_holds,
     json_body,
     none_match,
     not_modified,
@@ -174,14 +176,20 @@ class DataFile(File):
         if self.basename() == "info":
             self.type, self.encoding = "application/json", None
         status = found.status
-        if not_modified(request, file_etag(status)):
+        etag = file_etag(status)
+        if not_modified(request, etag):
             found.close()
             # Finished here: returning b"" would add a ``Content-Length: 0`` to the 304,
             # which is not the length of the file (RFC 9110 8.6).
             request.finish()
             return server.NOT_DONE_YET
+        asked = request.getHeader(b"range")
+        # The date File sends: Request.setLastModified rounds the time up.
+        last_modified = http.datetimeToString(math.ceil(status.st_mtime))
+        if not if_range_holds(request, etag, last_modified):
+            asked = None
         try:
-            span = single_range(request.getHeader(b"range"), status.st_size)
+            span = single_range(asked, status.st_size)
         except Unsatisfiable:
             found.close()
             # File would answer an empty body under the file's own content type.
@@ -441,6 +449,9 @@ class Neurotrale:
         request.setHeader(b"accept-ranges", b"bytes")
         if answer.coding is not None:
             request.setHeader(b"content-encoding", answer.coding.encode())
+        last_modified = request.responseHeaders.getRawHeaders(b"last-modified", [b""])[0]
+        if range_header is not None and not if_range_holds(request, answer.etag, last_modified):
+            range_header = None  # the whole body: identity, as for any range request
         try:
             span = single_range(range_header, len(body))
         except Unsatisfiable:

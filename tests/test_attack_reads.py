@@ -320,3 +320,25 @@ async def test_healthz_is_503_once_the_root_may_not_be_read(
     finally:
         data_root.chmod(0o755)
         shutil.rmtree(data_root)
+
+
+@pytest_twisted.ensureDeferred
+async def test_if_range_that_names_another_version_gets_the_whole_file(
+    demo_server: RunningServer,
+) -> None:
+    """RFC 9110 13.1.5: a ``Range`` under an ``If-Range`` that does not name the current
+    representation (a download resumed after the file changed) is ignored: 200, the whole
+    body; one that names it (its strong ETag, its ``Last-Modified``) gets the range."""
+    for target in (INFO, CHUNK):
+        whole = await _raw(demo_server, _get(target))
+        headers = _headers(whole)
+        etag, modified = headers["etag"][0], headers["last-modified"][0]
+        for validator in ('"another"', f"W/{etag}", "Thu, 01 Jan 1970 00:00:00 GMT"):
+            asked = _get(target, "Range: bytes=0-3", f"If-Range: {validator}")
+            answer = await _raw(demo_server, asked)
+            assert _status(answer) == 200, (target, validator, answer[:200])
+            assert _body(answer) == _body(whole)
+        for validator in (etag, modified):
+            asked = _get(target, "Range: bytes=0-3", f"If-Range: {validator}")
+            answer = await _raw(demo_server, asked)
+            assert (_status(answer), _body(answer)) == (206, _body(whole)[:4]), (target, validator)
