@@ -35,6 +35,8 @@ from .rootfs import Directory, OpenedFile
 #: reads as the same number, so ``\u0660-64_...`` would be an alias of ``0-64_...``.
 CHUNK_PATTERN = r"[0-9]+-[0-9]+_[0-9]+-[0-9]+_[0-9]+-[0-9]+(?:\.tiff?)?"
 _CHUNK_NAME = re.compile(r"([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)(?:\.tiff?)?")
+#: The largest ``info`` read (real ones are kilobytes, a few megabytes with many scales).
+MAX_INFO_BYTES = 16 * 1024 * 1024
 #: Extensions tried, in order, for the file of a chunk.
 CHUNK_EXTENSIONS = (".tiff", ".tif")
 
@@ -130,8 +132,15 @@ class InfoCache:
             cached = self._entries.get(version)
             if cached is not None:
                 return cached
+            # Read no further than a limit: a sparse info of gigabytes costs its planter
+            # nothing, and every chunk request would read it whole into memory.
+            if opened.status.st_size > MAX_INFO_BYTES:
+                raise ServerError(f"{label} is larger than {MAX_INFO_BYTES} bytes")
             try:
-                info = json.loads(opened.read_all())
+                content = opened.read_all(MAX_INFO_BYTES + 1)
+                if len(content) > MAX_INFO_BYTES:  # it grew since it was opened
+                    raise ServerError(f"{label} is larger than {MAX_INFO_BYTES} bytes")
+                info = json.loads(content)
             except (OSError, ValueError) as e:
                 raise ServerError(f"cannot read {label}: {e}") from e
         if not isinstance(info, dict):

@@ -69,14 +69,18 @@ class OpenedFile:
     file: BinaryIO
     status: os.stat_result
 
-    def read_all(self) -> bytes:
-        """The whole content, read from the open handle."""
+    def read_all(self, limit: int | None = None) -> bytes:
+        """The whole content, read from the open handle; at most ``limit`` bytes of it."""
         chunks: list[bytes] = []
-        while True:
-            chunk = self.file.read(1 << 20)
+        left = limit
+        while left is None or left > 0:
+            chunk = self.file.read(1 << 20 if left is None else min(1 << 20, left))
             if not chunk:
-                return b"".join(chunks)
+                break
             chunks.append(chunk)
+            if left is not None:
+                left -= len(chunk)
+        return b"".join(chunks)
 
     def close(self) -> None:
         """Close the handle."""

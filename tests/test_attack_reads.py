@@ -342,3 +342,20 @@ async def test_if_range_that_names_another_version_gets_the_whole_file(
             asked = _get(target, "Range: bytes=0-3", f"If-Range: {validator}")
             answer = await _raw(demo_server, asked)
             assert (_status(answer), _body(answer)) == (206, _body(whole)[:4]), (target, validator)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_huge_info_is_refused_without_being_read(
+    serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    """An ``info`` of gigabytes (a sparse file costs its planter nothing) would be read whole
+    into memory by every chunk request: it is a JSON 500 naming the limit, read no further."""
+    shutil.copytree(data_root / "demo-brain", data_root / "fat")
+    with open(data_root / "fat" / "info", "r+b") as info:
+        info.truncate(4 << 30)
+    server = serve(data_root)
+    response = await treq.get(server.url + "/fat/1_1_1/0-64_0-64_0-32")
+    document = json.loads(await treq.content(response))
+    assert response.code == 500, document
+    assert "larger than" in document["error"] and str(data_root) not in document["error"]
+    assert (await treq.get(server.url + CHUNK)).code == 200
