@@ -37,6 +37,10 @@ CHUNK_PATTERN = r"[0-9]+-[0-9]+_[0-9]+-[0-9]+_[0-9]+-[0-9]+(?:\.tiff?)?"
 _CHUNK_NAME = re.compile(r"([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)(?:\.tiff?)?")
 #: The largest ``info`` read (real ones are kilobytes, a few megabytes with many scales).
 MAX_INFO_BYTES = 16 * 1024 * 1024
+#: The most bytes of image data a chunk's TIFF may store, as a multiple of its raw size plus
+#: a slack: no codec expands data that much (LZW, the worst, by half).
+MAX_STORED_RATIO = 4
+MAX_STORED_SLACK = 1024 * 1024
 #: Extensions tried, in order, for the file of a chunk.
 CHUNK_EXTENSIONS = (".tiff", ".tif")
 
@@ -283,6 +287,16 @@ def decode_tiff(file: BinaryIO, name: ChunkName, fmt: ScaleFormat, path: str) ->
                 raise ServerError(
                     f"{path}: holds {series.size} samples of shape {series.shape} but chunk "
                     f"{name.stem} with {fmt.num_channels} channel(s) needs {expected}"
+                )
+            # The byte counts of the strips or tiles are read whole: bound them by what a
+            # chunk can need (a sparse file, or strips that all point at one region, would
+            # otherwise cost gigabytes of memory for a chunk of kilobytes).
+            stored = sum(sum(page.databytecounts) for page in series.pages if page is not None)
+            allowed = MAX_STORED_RATIO * expected * fmt.dtype.itemsize + MAX_STORED_SLACK
+            if stored > allowed:
+                raise ServerError(
+                    f"{path}: its strips or tiles claim {stored} bytes, too many for chunk "
+                    f"{name.stem} (at most {allowed})"
                 )
             array = series.asarray()
             axes = series.axes

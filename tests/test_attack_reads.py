@@ -14,17 +14,20 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest_twisted
+import tifffile
 import treq
 from twisted.internet.threads import deferToThread
 
 from neurotrale_twisted.static import MAX_LISTED
 from tests.conftest import RunningServer
-from tests.support import raw_http, write_info
+from tests.support import raw_http, write_chunk, write_info
 
 INFO = "/demo-brain/info"
 CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
@@ -359,3 +362,37 @@ async def test_a_huge_info_is_refused_without_being_read(
     assert response.code == 500, document
     assert "larger than" in document["error"] and str(data_root) not in document["error"]
     assert (await treq.get(server.url + CHUNK)).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tiff_claiming_huge_strips_is_refused_before_they_are_read(
+    serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    """Compressed strips whose byte counts claim far more than the chunk can hold (a sparse
+    file, or every strip pointing at the same region) would be read whole into memory
+    (2 GiB for a chunk of 256 bytes): a JSON 500 naming the file, relative to the root."""
+    write_info(data_root / "strips", (8, 8, 2))
+    path = write_chunk(
+        data_root / "strips",
+        "1_1_1",
+        (0, 8, 0, 8, 0, 2),
+        np.ones((2, 8, 8), "uint16"),
+        compression="zlib",
+    )
+    with tifffile.TiffFile(path) as tif:
+        pages = [page for page in tif.pages if isinstance(page, tifffile.TiffPage)]
+        where = [page.tags["StripByteCounts"].valueoffset for page in pages]
+    assert len(where) == 2
+    data = bytearray(path.read_bytes())
+    for offset in where:
+        struct.pack_into("<I", data, offset, 64 << 20)
+    path.write_bytes(data)
+    with open(path, "r+b") as f:
+        f.truncate((64 << 20) + len(data))
+    server = serve(data_root)
+    response = await treq.get(server.url + "/strips/1_1_1/0-8_0-8_0-2")
+    content = await treq.content(response)
+    assert response.code == 500, content[:200]
+    document = json.loads(content)
+    assert "strips/1_1_1/0-8_0-8_0-2.tiff" in document["error"], document
+    assert "too many" in document["error"] and str(data_root) not in document["error"]
