@@ -27,7 +27,7 @@ import tifffile
 
 from .cache import LruCache
 from .encoding import encode_body
-from .errors import NotFound, ServerError
+from .errors import Forbidden, NotFound, ServerError
 from .paths import DataRoot
 from .rootfs import Directory, Follow, OpenedFile
 
@@ -35,6 +35,12 @@ from .rootfs import Directory, Follow, OpenedFile
 #: reads as the same number, so ``\u0660-64_...`` would be an alias of ``0-64_...``.
 CHUNK_PATTERN = r"[0-9]+-[0-9]+_[0-9]+-[0-9]+_[0-9]+-[0-9]+(?:\.tiff?)?"
 _CHUNK_NAME = re.compile(r"([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)_([0-9]+)-([0-9]+)(?:\.tiff?)?")
+#: The largest ``info`` read (real ones are kilobytes, a few megabytes with many scales).
+MAX_INFO_BYTES = 16 * 1024 * 1024
+#: The most bytes of image data a chunk's TIFF may store, as a multiple of its raw size plus
+#: a slack: no codec expands data that much (LZW, the worst, by half).
+MAX_STORED_RATIO = 4
+MAX_STORED_SLACK = 1024 * 1024
 #: Extensions tried, in order, for the file of a chunk.
 CHUNK_EXTENSIONS = (".tiff", ".tif")
 
@@ -130,8 +136,15 @@ class InfoCache:
             cached = self._entries.get(version)
             if cached is not None:
                 return cached
+            # Read no further than a limit: a sparse info of gigabytes costs its planter
+            # nothing, and every chunk request would read it whole into memory.
+            if opened.status.st_size > MAX_INFO_BYTES:
+                raise ServerError(f"{label} is larger than {MAX_INFO_BYTES} bytes")
             try:
-                info = json.loads(opened.read_all())
+                content = opened.read_all(MAX_INFO_BYTES + 1)
+                if len(content) > MAX_INFO_BYTES:  # it grew since it was opened
+                    raise ServerError(f"{label} is larger than {MAX_INFO_BYTES} bytes")
+                info = json.loads(content)
             except (OSError, ValueError) as e:
                 raise ServerError(f"cannot read {label}: {e}") from e
         if not isinstance(info, dict):
@@ -275,6 +288,16 @@ def decode_tiff(file: BinaryIO, name: ChunkName, fmt: ScaleFormat, path: str) ->
                     f"{path}: holds {series.size} samples of shape {series.shape} but chunk "
                     f"{name.stem} with {fmt.num_channels} channel(s) needs {expected}"
                 )
+            # The byte counts of the strips or tiles are read whole: bound them by what a
+            # chunk can need (a sparse file, or strips that all point at one region, would
+            # otherwise cost gigabytes of memory for a chunk of kilobytes).
+            stored = sum(sum(page.databytecounts) for page in series.pages if page is not None)
+            allowed = MAX_STORED_RATIO * expected * fmt.dtype.itemsize + MAX_STORED_SLACK
+            if stored > allowed:
+                raise ServerError(
+                    f"{path}: its strips or tiles claim {stored} bytes, too many for chunk "
+                    f"{name.stem} (at most {allowed})"
+                )
             array = series.asarray()
             axes = series.axes
     except ServerError:
@@ -363,16 +386,21 @@ class ChunkSource:
 
         ``client_has`` is asked about the ETags of the file's current representations; when it
         holds one, the answer has no body. Raises :class:`NotFound` for a missing dataset,
-        scale or chunk, and :class:`ServerError` for a file that does not fit ``info``.
+        scale or chunk, :class:`Forbidden` for one the server may not read, and
+        :class:`ServerError` for a file that does not fit ``info``.
         """
         fs = self.root.fs
         follow = fs.read_follow
-        with fs.open_dir(dataset) as directory:
-            where = os.path.join(fs.path, directory.relative)
-            info = os.path.join(where, "info")
-            fmt = scale_format(self.infos.read(directory, follow, info), key, info)
-            with directory.subdir(key, follow=follow) as scale:
-                filename, opened = open_chunk_file(scale, name, follow)
+        try:
+            with fs.open_dir(dataset) as directory:
+                where = os.path.join(fs.path, directory.relative)
+                info = os.path.join(where, "info")
+                fmt = scale_format(self.infos.read(directory, follow, info), key, info)
+                with directory.subdir(key, follow=follow) as scale:
+                    filename, opened = open_chunk_file(scale, name, follow)
+        except PermissionError:
+            # A directory or file on the way that the server may not read (chmod 000).
+            raise Forbidden("the server may not read this chunk") from None
         with opened:
             path = os.path.join(where, key, filename)
             return self._respond(opened, path, name, fmt, coding, client_has)

@@ -14,14 +14,22 @@ def find_datasets(root: DataRoot, max_depth: int = MAX_DEPTH) -> list[str]:
     """The relative paths (``/``-separated, sorted) of every directory holding an ``info`` file.
 
     The walk goes through the data root's file layer: dot-directories are skipped, and so
-    are links unless the root allows following them. A dataset's own subdirectories
-    (scales, annotations) are not searched.
+    are links unless the root allows following them, and each directory is walked once
+    (the first path reaching it, in sorted order, names it). A dataset's own
+    subdirectories (scales, annotations) are not searched.
     """
     fs = root.fs
     found: list[str] = []
+    #: (device, inode) of each directory walked: where links are followed, links to a
+    #: directory already seen (``ln -s . x`` eight times: 8**6 paths) are walked once.
+    seen: set[tuple[int, int]] = set()
 
     def walk(directory: Directory, depth: int) -> None:
         try:
+            status = directory.status()
+            if (status.st_dev, status.st_ino) in seen:
+                return
+            seen.add((status.st_dev, status.st_ino))
             entries = sorted(directory.readable_entries(follow=fs.read_follow))
         except OSError:
             return

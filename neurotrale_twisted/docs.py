@@ -14,13 +14,12 @@ import threading
 from dataclasses import dataclass, field
 
 from swagger_ui_bundle import swagger_ui_path
-from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from . import history
 from .encoding import encode_body
 from .errors import NotFound
-from .http import add_vary
+from .http import add_vary, not_modified
 from .openapi import SWAGGER_ASSETS, openapi_json
 
 #: The page at ``/api/``. Paths are relative so that it works behind a proxy's path prefix.
@@ -141,7 +140,7 @@ def respond(request: IRequest, prepared: PreparedFile) -> bytes:
     add_vary(request, b"Accept-Encoding")
     if prepared.file.content_type.startswith("text/html"):
         request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
-    if request.setETag(prepared.etag.encode()) is http.CACHED:
+    if not_modified(request, prepared.etag):
         return b""
     if prepared.coding is not None:
         request.setHeader(b"content-encoding", prepared.coding.encode())

@@ -24,7 +24,8 @@ class Health:
 
 
 def check_data_root(fs: RootFS) -> Health:
-    """Healthy when the held data root can be listed and is still the directory at its path.
+    """Healthy when the held data root can be listed and entered (with its mode of now) and
+    is still the directory at its path.
 
     The server serves the directory it opened at start-up; one removed, moved away or
     replaced since is served no more by the path the operator configured, which a restart
@@ -33,9 +34,12 @@ def check_data_root(fs: RootFS) -> Health:
     try:
         with fs.root() as top:
             next(top.entries(), None)
+        readable = fs.may_read()
         current = fs.still_at_path()
     except OSError as error:
         return Health(False, f"the data root cannot be read: {error.strerror or error}")
+    if not readable:
+        return Health(False, "the data root may no longer be listed or entered by the server")
     if not current:
         return Health(False, "the data root was removed, moved or replaced since start-up")
     return Health(True, "the data root is readable")

@@ -24,7 +24,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import NoRangeStaticProducer
 
 from .connections import LogThrottle
-from .protocol import request_fault
+from .protocol import absolute_form, host_fault, method_fault, request_fault
 
 log = Logger()
 
@@ -170,6 +170,37 @@ def none_match(header: bytes | None, etag: str) -> bool:
     return "*" in tags or etag.removeprefix("W/") in (t.removeprefix("W/") for t in tags)
 
 
+def not_modified(request: IRequest, etag: str) -> bool:
+    """Send ``etag`` as the ETag; True, with the status 304, when ``If-None-Match`` names it.
+
+    Unlike Twisted's ``setETag``, any spelling of the list (``"a","b"``), a weak tag
+    (``W/"a"``: the weak comparison of RFC 9110 13.1.2) and ``*`` are understood. The caller
+    sends no body (and no ``Content-Length`` that would not be the representation's).
+    """
+    request.setHeader(b"etag", etag.encode())
+    if none_match(request.getHeader(b"if-none-match"), etag):
+        request.setResponseCode(http.NOT_MODIFIED)
+        return True
+    return False
+
+
+def if_range_holds(request: IRequest, etag: str, last_modified: bytes) -> bool:
+    """Whether the request's ``Range`` may be served (RFC 9110 13.1.5).
+
+    True without ``If-Range``, or when it names this representation: its strong ``etag``
+    (a weak tag never matches), or exactly the ``last_modified`` date the answer carries.
+    Otherwise the range is ignored and the whole body sent: the client holds the start of
+    another version.
+    """
+    header: bytes | None = request.getHeader(b"if-range")
+    if header is None:
+        return True
+    value = header.strip()
+    if value.startswith((b'"', b"W/")):
+        return value == etag.encode()
+    return value == last_modified
+
+
 # --- content encoding ---------------------------------------------------------------------
 
 
@@ -305,6 +336,38 @@ class LimitedRequest(server.Request):
             self.requestHeaders.removeHeader(b"expect")
             length = 0
         super().gotLength(length)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Take an absolute-form target (``GET http://host/path``) as its path, with the
+        ``Host`` it names (RFC 9112 3.2.2: the received ``Host`` is ignored)."""
+        split = absolute_form(path)
+        if split is not None:
+            host, path = split
+            self.requestHeaders.setRawHeaders(b"host", [host])
+        super().requestReceived(command, path, version)
+
+    def _handleStar(self) -> None:
+        """Answer a request for ``*`` as every other answer is made: CORS, ``nosniff``, the
+        same refusals before routing, JSON errors; only ``OPTIONS`` is served on it.
+
+        Twisted would answer it bare, ``405`` with no body even for an unknown method.
+        """
+        settings = _settings_of(self.channel)
+        settings.cors.apply(self)
+        self.setHeader(b"x-content-type-options", b"nosniff")
+        self.setHeader(b"allow", b"OPTIONS")
+        fault = host_fault(self) or method_fault(self.method)
+        if fault is None and self.method == b"OPTIONS":
+            self.setHeader(b"allow", ALLOWED_METHODS)
+            self.setHeader(b"content-length", b"0")
+        elif fault is None:
+            shown = self.method.decode("latin-1")
+            self.write(
+                error_response(self, http.NOT_ALLOWED, f"method {shown} is not allowed on *")
+            )
+        else:
+            self.write(error_response(self, fault.status, fault.message))
+        self.finish()
 
     def getRequestHostname(self) -> bytes:
         """The host the client named, else the address it reached, else ``localhost``.

@@ -13,6 +13,10 @@ serves go on, so the policy and the router see one and the same method value.
   with more than one, and for a ``Host`` that is not ``host[:port]``.
 * A query name or value that is not UTF-8 once percent-decoded is ``400``: it could only be
   stored as U+FFFD, which is not what the client sent.
+* RFC 9112 section 3.2: the request target is a path (origin form), or ``http://host/path``
+  (absolute form, which a server MUST accept: :func:`absolute_form` turns it into the path
+  and the ``Host`` it names), or ``*`` (answered by the request itself). Anything else is
+  ``400``: Twisted would take ``xhealthz`` for ``/healthz``, dropping its first byte.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOST = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 
 
+#: RFC 9112 section 3.2.2 ``absolute-form`` of an http(s) URI: a host (no user
+#: information), then an optional path and query (a fragment is not part of a target).
+_ABSOLUTE_FORM = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#@]+)([/?][^#]*)?", re.DOTALL)
+
+
 @dataclass(frozen=True)
 class Fault:
     """Why a request is refused before routing: its status and the JSON message."""
@@ -58,6 +67,23 @@ def method_fault(method: bytes) -> Fault | None:
         exact = method.upper().decode()
         return Fault(405, f"method {shown} is not allowed (methods are case-sensitive: {exact})")
     return Fault(501, f"method {shown} is not implemented")
+
+
+def absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """The host and the origin-form target (``/path?query``) of an absolute-form request
+    target ``http://host/path?query``, or None when ``target`` is not one."""
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        return None
+    rest = match.group(2) or b"/"
+    return match.group(1), rest if rest.startswith(b"/") else b"/" + rest
+
+
+def target_fault(request: IRequest) -> Fault | None:
+    """The refusal of a request target that is not a path (after :func:`absolute_form`)."""
+    if request.uri.startswith(b"/"):
+        return None
+    return Fault(400, "the request target must be a path that begins with '/', or an http URL")
 
 
 def host_fault(request: IRequest) -> Fault | None:
@@ -87,4 +113,9 @@ def query_fault(uri: bytes) -> Fault | None:
 
 def request_fault(request: IRequest) -> Fault | None:
     """The first fault of ``request`` that must stop it before routing, or None."""
-    return host_fault(request) or method_fault(request.method) or query_fault(request.uri)
+    return (
+        target_fault(request)
+        or host_fault(request)
+        or method_fault(request.method)
+        or query_fault(request.uri)
+    )

@@ -95,14 +95,18 @@ class OpenedFile:
     file: BinaryIO
     status: os.stat_result
 
-    def read_all(self) -> bytes:
-        """The whole content, read from the open handle."""
+    def read_all(self, limit: int | None = None) -> bytes:
+        """The whole content, read from the open handle; at most ``limit`` bytes of it."""
         chunks: list[bytes] = []
-        while True:
-            chunk = self.file.read(1 << 20)
+        left = limit
+        while left is None or left > 0:
+            chunk = self.file.read(1 << 20 if left is None else min(1 << 20, left))
             if not chunk:
-                return b"".join(chunks)
+                break
             chunks.append(chunk)
+            if left is not None:
+                left -= len(chunk)
+        return b"".join(chunks)
 
     def close(self) -> None:
         """Close the handle."""
@@ -147,6 +151,10 @@ class Directory:
         # A forgotten handle must not leak a descriptor for the life of the process.
         with contextlib.suppress(OSError):
             self.close()
+
+    def status(self) -> os.stat_result:
+        """The status of this directory itself (its device and inode identify it)."""
+        return os.fstat(self.fd)
 
     def child_path(self, name: str) -> str:
         """``name`` inside this directory, relative to the root: for messages only."""
@@ -368,11 +376,12 @@ class Directory:
         """``(name, is_directory)`` of each directory and regular file here that reads may reach.
 
         For listings and the dataset index. Left out: dot-names (history, locks,
-        temporaries), links unless ``follow`` (and then links that lead nowhere), FIFOs,
+        temporaries), names that are not UTF-8 (no URL can name them, and a page cannot
+        show them), links unless ``follow`` (and then links that lead nowhere), FIFOs,
         sockets and devices. In the order of the directory; sort them to show them.
         """
         for entry in self.entries():
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or not _is_utf8(entry.name):
                 continue
             try:
                 if entry.is_symlink():
@@ -551,6 +560,15 @@ class RootFS:
         """How reads follow links: anywhere under ``--follow-symlinks``, else inside the root."""
         return True if self.follow_symlinks else INSIDE
 
+    def may_read(self) -> bool:
+        """Whether this process may still list and enter the held root.
+
+        The handle opened at start-up lists the root whatever its mode became since, but
+        every walk below it needs the mode of now: a root made ``chmod 000`` (or one that
+        may be listed but not entered) serves nothing. Checked with the effective ids.
+        """
+        return os.access(".", os.R_OK | os.X_OK, dir_fd=self._fd, effective_ids=True)
+
     def root(self) -> Directory:
         """A new handle of the root directory itself."""
         return Directory(os.dup(self._fd), "", self)
@@ -572,6 +590,15 @@ class RootFS:
             raise NotFound("not a file")
         with self.open_dir(names[:-1]) as directory:
             return directory.open_file(names[-1], follow=self.read_follow)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether file name ``name`` (decoded with ``surrogateescape``) was valid UTF-8 on disk."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_name(name: str) -> None:

@@ -9,6 +9,8 @@ Pure Python, no Twisted.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import Forbidden
@@ -24,11 +26,18 @@ class ListedName:
     size: int
 
 
+#: The most names a listing shows (the first ones, sorted): a directory of a million names
+#: would otherwise cost a page of a hundred megabytes, made anew for every request.
+MAX_LISTED = 10_000
+
+
 @dataclass(frozen=True)
 class Listing:
-    """The names a directory listing shows, sorted (see :meth:`Directory.readable_entries`)."""
+    """The names a directory listing shows, sorted (see :meth:`Directory.readable_entries`):
+    the first :data:`MAX_LISTED` of ``total``."""
 
     names: list[ListedName]
+    total: int
 
 
 def find_static(fs: RootFS, segments: list[str]) -> OpenedFile | Listing:
@@ -53,8 +62,16 @@ def find_static(fs: RootFS, segments: list[str]) -> OpenedFile | Listing:
 
 
 def _listing(directory: Directory, follow: Follow) -> Listing:
+    total = 0
+
+    def counted() -> Iterator[tuple[str, bool]]:
+        nonlocal total
+        for entry in directory.readable_entries(follow=follow):
+            total += 1
+            yield entry
+
     names = []
-    for name, is_dir in sorted(directory.readable_entries(follow=follow)):
+    for name, is_dir in heapq.nsmallest(MAX_LISTED, counted()):
         size = 0
         if not is_dir:
             status = directory.stat(name, follow=follow)
@@ -62,4 +79,4 @@ def _listing(directory: Directory, follow: Follow) -> Listing:
                 continue  # gone meanwhile
             size = status.st_size
         names.append(ListedName(name, is_dir, size))
-    return Listing(names)
+    return Listing(names, total)

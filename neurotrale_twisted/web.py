@@ -8,10 +8,11 @@ errors raised by the core become JSON answers in one handler below.
 from __future__ import annotations
 
 import html
+import math
 import os
 from collections.abc import Callable
 from typing import Any, BinaryIO, ParamSpec, TypeVar
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -20,7 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web import http
+from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.static import DirectoryLister, File, formatFileSize, getTypeAndEncoding
@@ -43,8 +44,10 @@ from .http import (
     Unsatisfiable,
     choose_encoding,
     error_response,
+    if_range_holds,
     json_body,
     none_match,
+    not_modified,
     single_range,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -101,9 +104,14 @@ class DataFile(File):
     childNotFound = JsonErrorResource(404, "not found")  # type: ignore[assignment]
     forbidden = JsonErrorResource(403, "forbidden")  # type: ignore[assignment]
 
-    def __init__(self, found: OpenedFile | Listing, url_path: str) -> None:
+    def __init__(
+        self, found: OpenedFile | Listing, url_path: str, page: bytes | None = None
+    ) -> None:
         super().__init__(url_path, defaultType="application/octet-stream")
         self.found = found
+        #: The listing's HTML page, when it was made beforehand (off the reactor thread: a
+        #: page of 100,000 names takes seconds to make).
+        self.page = page
 
     def _opened(self) -> OpenedFile:
         assert isinstance(self.found, OpenedFile)
@@ -139,6 +147,13 @@ class DataFile(File):
         lister = BlockListing if history.is_block_directory(self.path) else DataListing
         return lister(self.found, self.contentTypes, self.contentEncodings, self.defaultType)
 
+    def listing_page(self, uri: bytes) -> bytes:
+        """The HTML page listing the directory, titled after the request's ``uri``.
+
+        Pure (no request, no reactor): the static route calls it on the thread pool.
+        """
+        return self.directoryListing().page(uri)
+
     def redirect(self, request: IRequest) -> bytes:
         """Redirect a directory's URL to the same URL with a ``/``, relatively.
 
@@ -155,16 +170,26 @@ class DataFile(File):
         found = self.found
         if isinstance(found, Listing):
             if request.path.endswith(b"/"):
-                return self.directoryListing().render(request)
+                request.setHeader(b"content-type", b"text/html; charset=utf-8")
+                return self.page or self.listing_page(request.uri)
             return self.redirect(request)
         if self.basename() == "info":
             self.type, self.encoding = "application/json", None
         status = found.status
-        if request.setETag(file_etag(status).encode()) is http.CACHED:
+        etag = file_etag(status)
+        if not_modified(request, etag):
             found.close()
-            return b""
+            # Finished here: returning b"" would add a ``Content-Length: 0`` to the 304,
+            # which is not the length of the file (RFC 9110 8.6).
+            request.finish()
+            return server.NOT_DONE_YET
+        asked = request.getHeader(b"range")
+        # The date File sends: Request.setLastModified rounds the time up.
+        last_modified = http.datetimeToString(math.ceil(status.st_mtime))
+        if not if_range_holds(request, etag, last_modified):
+            asked = None
         try:
-            single_range(request.getHeader(b"range"), status.st_size)
+            span = single_range(asked, status.st_size)
         except Unsatisfiable:
             found.close()
             # File would answer an empty body under the file's own content type.
@@ -173,6 +198,16 @@ class DataFile(File):
             )
             request.setHeader(b"content-range", b"bytes */%d" % status.st_size)
             return body
+        # File's own reading of Range fails on a suffix longer than the file (a seek before
+        # the start: a 500, or a connection left hanging among several ranges): it gets the
+        # one range understood here, spelled plainly, or none (several ranges, RFC 9110
+        # 14.2 lets a server send the whole file).
+        if span is None:
+            request.requestHeaders.removeHeader(b"range")
+        else:
+            request.requestHeaders.setRawHeaders(
+                b"range", [b"bytes=%d-%d" % (span[0], span[1] - 1)]
+            )
         return super().render_GET(request)
 
     render_HEAD = render_GET
@@ -194,6 +229,22 @@ class DataListing(DirectoryLister):
         names = [n.name for n in listing.names]
         super().__init__("", names, content_types, content_encodings, default_type)
         self.listing = listing
+
+    def page(self, uri: bytes) -> bytes:
+        """The listing's HTML page for a request of ``uri``: what ``render`` answers,
+        made without the request (so that it can be made on a pool thread)."""
+        dirs, files = self._getFilesAndDirectories([])
+        table = "".join(self._buildTableContent(dirs + files))
+        header = f"Directory listing for {html.escape(unquote(uri.decode('latin-1')))}"
+        shown, total = len(self.listing.names), self.listing.total
+        if total > shown:
+            header += f" (the first {shown} of {total} names)"
+        return (self.template % {"header": header, "tableContent": table}).encode("utf-8")
+
+    def render(self, request: IRequest) -> bytes:
+        """The page, for a request (on the reactor thread)."""
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return self.page(request.uri)
 
     def _getFilesAndDirectories(
         self, directory: list[str]
@@ -400,6 +451,9 @@ class Neurotrale:
         request.setHeader(b"accept-ranges", b"bytes")
         if answer.coding is not None:
             request.setHeader(b"content-encoding", answer.coding.encode())
+        last_modified = request.responseHeaders.getRawHeaders(b"last-modified", [b""])[0]
+        if range_header is not None and not if_range_holds(request, answer.etag, last_modified):
+            range_header = None  # the whole body: identity, as for any range request
         try:
             span = single_range(range_header, len(body))
         except Unsatisfiable:
@@ -501,7 +555,7 @@ class Neurotrale:
             return json_body(request, http.OK, result)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"last-modified", http.datetimeToString(result.modified))
-        if request.setETag(result.etag.encode()) is http.CACHED:
+        if not_modified(request, result.etag):
             return b""
         request.setHeader(b"content-length", b"%d" % len(result.content))
         return bytes(result.content)
@@ -543,7 +597,10 @@ class Neurotrale:
         from the file that was opened."""
         segments = clean_segments(rest.split("/"))
         found = await self._in_thread(find_static, self.root.fs, segments)
-        return DataFile(found, "/" + "/".join(segments))
+        resource = DataFile(found, "/" + "/".join(segments))
+        if isinstance(found, Listing) and request.path.endswith(b"/"):
+            resource.page = await self._in_thread(resource.listing_page, request.uri)
+        return resource
 
     # --- errors ---------------------------------------------------------------------------
 
