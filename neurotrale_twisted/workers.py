@@ -30,7 +30,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
@@ -184,6 +184,15 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.pool.worker_exited(self, reason)
 
 
+class SharedListener(Protocol):
+    """A listener of the parent's whose socket the pool may pass to the workers."""
+
+    description: str
+
+    def shared(self, fd: int) -> tuple[int, SharedSocket] | None:
+        """The parent's descriptor and how a worker adopts it as ``fd``; None if it cannot."""
+
+
 @dataclass
 class _Worker:
     """One place in the pool: the process in it now (if any) and when to start the next."""
@@ -224,7 +233,7 @@ class WorkerPool(service.Service):
         self,
         count: int,
         arguments: Sequence[str],
-        endpoints: Sequence[_RecordingEndpoint],
+        endpoints: Sequence[SharedListener],
         metrics: ServerMetrics,
         processes: IReactorProcess,
         clock: IReactorTime,

@@ -506,8 +506,7 @@ def fake_pool(count: int = 2, arguments: tuple[str, ...] = ("--path", "/srv")) -
     from neurotrale_twisted.workers import WorkerPool
 
     clock, processes, metrics = Clock(), FakeProcessReactor(), CountingMetrics()
-    endpoints: list[Any] = [SharedEndpoint()]
-    pool = WorkerPool(count, arguments, endpoints, metrics, processes, clock)
+    pool = WorkerPool(count, arguments, [SharedEndpoint()], metrics, processes, clock)
     return pool, clock, processes, metrics
 
 
