@@ -578,7 +578,8 @@ class History:
         assert self.log is not None
         temporary = self.log.write_temporary(content, purpose=self.name)
         try:
-            self.log.set_modified(temporary, mtime_ns)
+            with contextlib.suppress(OSError):  # then it is told by its bytes, read
+                self.log.set_modified(temporary, mtime_ns)
             self.log.rename(temporary, self.name, target_dir=self.block)
         finally:
             self.discard(temporary)
