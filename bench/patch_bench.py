@@ -4,7 +4,7 @@ Not a test: run it by hand on a quiet machine, and copy the table it prints into
 docs/shared-filesystems.md ("What it costs"). Needs what tests/test_multihost.py needs
 (root or /dev/fuse access, bindfs, haproxy):
 
-    python bench/patch_bench.py --baseline 7f44d47   # full run; 7f44d47: the lock-based code
+    python bench/patch_bench.py --baseline d2e93ac   # full run; d2e93ac: the lock-based code
     python bench/patch_bench.py --quick              # a few seconds per row: does it work?
     python bench/patch_bench.py --baseline main --code commit   # two revisions, before a merge
 

@@ -863,20 +863,21 @@ class AnnotationStore:
                         self._finish(history, partial(history.repair, state.head), state.head)
                     return WriteResult(name, etag, False, count, record_id)
                 number = state.next
+                history.keep_modified(state)
                 try:
                     if state.kind == "foreign":
                         # An edit made on disk is kept as an entry (and a version) first.
                         assert state.content is not None
-                        history.discard(history.commit(state.content, number, check_place))
+                        history.commit(state.content, number, check_place)
                         number += 1
-                    temporary = history.commit(new, number, check_place)
+                    history.commit(new, number, check_place)
                 except LostRace:
                     if self.on_retry is not None:
                         self.on_retry()
                     if attempt >= 2:
                         time.sleep(random.uniform(0, 0.002 * min(attempt, 25)))
                     continue
-                self._finish(history, partial(history.publish, temporary, number), number)
+                self._finish(history, partial(history.publish, new, number), number)
                 return WriteResult(name, etag, state.content is None, count, record_id)
         raise Unavailable(
             f"{name} is being written by many clients at once; try again",

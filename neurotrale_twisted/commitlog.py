@@ -33,7 +33,6 @@ from .rootfs import (
     Directory,
     Follow,
     OpenedFile,
-    temporary_name,
     temporary_owner,
 )
 
@@ -65,11 +64,24 @@ VANISHED = frozenset({errno.ENOENT, errno.ESTALE})
 def read_whole(opened: OpenedFile) -> bytes | None:
     """The content of an opened file, or None when it vanished while it was read."""
     try:
-        return opened.read_all()
+        return read_settled(opened)
     except OSError as e:
         if e.errno in VANISHED:
             return None
         raise
+
+
+def read_settled(opened: OpenedFile) -> bytes:
+    """The whole content of an opened file, checked against its size once read.
+
+    A file renamed over while it was opened may be read short (FUSE file systems that map
+    nodes to paths hand the new file's bytes to a node whose size is the old one's): that
+    is ``ESTALE``, for the caller to look again, never a torn content taken for an edit.
+    """
+    content = opened.read_all()
+    if len(content) != os.fstat(opened.file.fileno()).st_size:
+        raise OSError(errno.ESTALE, "the file changed while it was read")
+    return content
 
 
 class LostRace(Exception):
@@ -255,6 +267,8 @@ class State:
     #: "new" (nothing), "synced", "behind" (the published copy lags the head) or "foreign"
     #: (the published copy is an edit made on disk, not yet in the log).
     kind: str
+    #: ``modified`` in nanoseconds, where it matters: a published copy that was touched.
+    modified_ns: int = 0
 
 
 class History:
@@ -338,6 +352,7 @@ class History:
             except OSError as e:
                 if e.errno not in VANISHED or attempt == 7:
                     raise
+                time.sleep(0.001 * attempt)
             finally:
                 if published is not None:
                     published.close()
@@ -366,31 +381,59 @@ class History:
             if entry is None:
                 if published is None:
                     return State(None, 0.0, 0, top + 1, "new")
-                content = published.read_all()
+                content = read_settled(published)
                 return State(content, published.status.st_mtime, 0, top + 1, "foreign")
-            entry_content = entry.read_all()
+            entry_content = read_settled(entry)
             if published is None:
                 return State(entry_content, entry.status.st_mtime, number, top + 1, "behind")
-            if _same_inode(published.status, entry.status):
-                return State(entry_content, published.status.st_mtime, number, top + 1, "synced")
-            content = published.read_all()
-            if content == entry_content:
-                return State(content, published.status.st_mtime, number, top + 1, "synced")
-            if self._is_an_entry(published.status):
-                return State(entry_content, entry.status.st_mtime, number, top + 1, "behind")
-            return State(content, published.status.st_mtime, number, top + 1, "foreign")
+            if _same_copy(published.status, entry.status):
+                return State(entry_content, entry.status.st_mtime, number, top + 1, "synced")
+            copy_of = self._copied_entry(published.status)
+            if copy_of is not None and copy_of > number:
+                # Published by a writer that committed after the head was looked for.
+                raise OSError(errno.ESTALE, "the log moved on while it was read")
+            if copy_of is None:
+                # Not the server's copy of an entry (or a copy touched since): read it.
+                content = read_settled(published)
+                mtime, mtime_ns = published.status.st_mtime, published.status.st_mtime_ns
+                if content == entry_content:
+                    return State(content, mtime, number, top + 1, "synced", mtime_ns)
+                if not self._is_an_entry(content, number):
+                    return State(content, mtime, number, top + 1, "foreign")
+            return State(entry_content, entry.status.st_mtime, number, top + 1, "behind")
         finally:
             if entry is not None:
                 entry.close()
 
-    def _is_an_entry(self, status: os.stat_result) -> bool:
-        """Whether ``status`` is that of a log entry or a version (a published copy behind)."""
+    def _copied_entry(self, status: os.stat_result) -> int | None:
+        """The number of the log entry or version that a file with ``status`` is the server's
+        copy of (same size and mtime), or None; nothing is read."""
         for directory in (self.log, self.versions):
             for number in entry_numbers(directory):
                 assert directory is not None
                 other = directory.lstat(f"{number}.json")
-                if other is not None and _same_inode(status, other):
-                    return True
+                if other is not None and _same_copy(status, other):
+                    return number
+        return None
+
+    def _is_an_entry(self, content: bytes, head: int) -> bool:
+        """Whether ``content`` is that of a log entry or a version other than ``head``: a
+        published copy behind (a writer died before publishing, or published late), not an
+        edit made on disk. Only the entries of the same size are read."""
+        for directory in (self.log, self.versions):
+            for number in entry_numbers(directory):
+                if number == head:
+                    continue
+                assert directory is not None
+                other = directory.lstat(f"{number}.json")
+                if other is None or other.st_size != len(content):
+                    continue
+                opened = _open_regular(directory, f"{number}.json")
+                if opened is None:
+                    continue
+                with opened:
+                    if read_whole(opened) == content:
+                        return True
         return False
 
     def listed(self, head: int) -> list[tuple[int, OpenedFile]]:
@@ -431,14 +474,16 @@ class History:
                 with contextlib.suppress(OSError):
                     self.log.remove(name)
 
-    def commit(self, content: bytes, number: int, check_place: Callable[[], None]) -> str:
-        """Make ``content`` log entry ``number``; return the temporary name that holds it too.
+    def commit(self, content: bytes, number: int, check_place: Callable[[], None]) -> None:
+        """Make ``content`` log entry ``number``.
 
         Writes and fsyncs a temporary in the log directory, runs ``check_place`` (which
         raises when the block directory was moved or swapped meanwhile), then links the
         temporary as ``number`` exclusively and fsyncs the directory. Raises
         :class:`LostRace` when ``number`` is taken, and ``OSError`` for disk trouble; on any
-        failure the temporary is removed and no entry is made.
+        failure the temporary is removed and no entry is made. The temporary's name is
+        removed after the link too: the entry is never the published copy's inode (an edit
+        made in place on the published file must not rewrite the history).
         """
         if self.log is None:
             self.log_top = self.log_top or self._child(self.block, LOG_DIR, create=True)
@@ -452,12 +497,22 @@ class History:
             self.log.remove(temporary)
             lost_races.add()
             raise LostRace() from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                self.log.remove(temporary)
-            raise
+        finally:
+            self.discard(temporary)
         self.log.sync()
-        return temporary
+
+    def keep_modified(self, state: State) -> None:
+        """Give the head entry the published copy's mtime before a commit replaces it.
+
+        The published copy is a copy, not a link of the entry: this keeps a version's
+        ``modified`` the time the file it replaced was last modified on disk. Best effort.
+        """
+        if self.log is None or state.kind != "synced" or state.head == 0:
+            return
+        with contextlib.suppress(OSError):
+            status = self.log.lstat(f"{state.head}.json")
+            if status is not None and state.modified_ns and status.st_mtime_ns != state.modified_ns:
+                self.log.set_modified(f"{state.head}.json", state.modified_ns)
 
     def discard(self, temporary: str) -> None:
         """Remove a temporary that will not be published."""
@@ -465,8 +520,8 @@ class History:
             with contextlib.suppress(OSError):
                 self.log.remove(temporary)
 
-    def publish(self, temporary: str, number: int) -> int:
-        """Rename ``temporary`` (entry ``number``) over the published copy; roll forward.
+    def publish(self, content: bytes, number: int) -> int:
+        """Publish ``content`` (entry ``number``) over the published copy; roll forward.
 
         When a newer entry exists already, the newest is published instead; after the
         rename, a head that moved meanwhile is republished, up to :data:`MAX_ROLLS` times.
@@ -474,11 +529,11 @@ class History:
         """
         assert self.log is not None
         newer = self._newest_from(number)
-        if newer != number:
-            self.discard(temporary)
+        status = self.log.lstat(f"{number}.json")
+        if newer != number or status is None:
             number = self._republish(newer)
         else:
-            self._rename_over(temporary)
+            self._publish_copy(content, status.st_mtime_ns)
         for _ in range(MAX_ROLLS):
             newer = self._newest_from(number)
             if newer == number:
@@ -497,21 +552,34 @@ class History:
         return number
 
     def _republish(self, number: int) -> int:
-        """Publish log entry ``number`` again, through a fresh link of it; return ``number``."""
-        assert self.log is not None
-        temporary = temporary_name(self.name)
-        self.log.link(f"{number}.json", temporary)
-        self._rename_over(temporary)
+        """Publish a fresh copy of log entry ``number`` again; return ``number``.
+
+        An entry gone meanwhile (trimmed: far behind a newer head) is left to the writer
+        of that head.
+        """
+        opened = _open_regular(self.log, f"{number}.json")
+        if opened is not None:
+            with opened:
+                content = read_whole(opened)
+            if content is not None:
+                self._publish_copy(content, opened.status.st_mtime_ns)
         return number
 
-    def _rename_over(self, temporary: str) -> None:
-        """Rename ``temporary`` over the published copy, durably; never leave it behind.
+    def _publish_copy(self, content: bytes, mtime_ns: int) -> None:
+        """Rename a fresh, fsynced copy of ``content`` over the published file, durably.
 
-        ``rename(2)`` does nothing when both names are links of one inode (another writer
-        published this very entry already): the temporary is then removed.
+        A copy, never a link of a log entry: the published file is what people and other
+        tools edit on disk, in place as often as not (``cp``, ``truncate``, editors), and
+        that must never change an entry or a version. It gets the entry's mtime
+        (``mtime_ns``), so that its size and mtime tell it is that entry's copy without
+        reading it (a file renamed over all the time may be read torn on some FUSE file
+        systems). The temporary is never left behind.
         """
         assert self.log is not None
+        temporary = self.log.write_temporary(content, purpose=self.name)
         try:
+            with contextlib.suppress(OSError):  # then it is told by its bytes, read
+                self.log.set_modified(temporary, mtime_ns)
             self.log.rename(temporary, self.name, target_dir=self.block)
         finally:
             self.discard(temporary)
@@ -560,13 +628,49 @@ class History:
             for number in older[: max(0, len(older) - self.keep_versions)]:
                 self.versions.remove(f"{number}.json")
         if self.log is not None:
-            for number in entry_numbers(self.log):
-                if number < head - LOG_KEEP:
+            old = [n for n in entry_numbers(self.log) if n < head - LOG_KEEP]
+            published = self._published_entry(old)
+            for number in old:
+                if number != published:
                     self.log.remove(f"{number}.json")
 
+    def _published_entry(self, numbers: list[int]) -> int | None:
+        """Which of log entries ``numbers`` the published copy is a copy of, if any.
 
-def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        That entry is never trimmed: however far behind the published copy fell (its
+        writers could commit but never publish: a disk with room for an entry and not for
+        a copy as well), it must still be told from an edit made on disk (rule 3).
+        """
+        status = self.block.lstat(self.name)
+        if self.log is None or status is None or not stat.S_ISREG(status.st_mode):
+            return None
+        content: bytes | None = None
+        for number in numbers:
+            other = self.log.lstat(f"{number}.json")
+            if other is None or other.st_size != status.st_size:
+                continue
+            if _same_copy(status, other):
+                return number
+            if content is None:
+                published = _open_regular(self.block, self.name)
+                if published is None:
+                    return None
+                with published:
+                    content = read_whole(published)
+                if content is None:
+                    return None
+            entry = _open_regular(self.log, f"{number}.json")
+            if entry is not None:
+                with entry:
+                    if read_whole(entry) == content:
+                        return number
+        return None
+
+
+def _same_copy(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two files are one content's copies as the server made them: same size and
+    mtime (a copy gets its entry's mtime; an edit on disk changes the mtime)."""
+    return (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
 
 
 def _alive(pid: int) -> bool:

@@ -504,6 +504,11 @@ class Directory:
             return False
         return True
 
+    def set_modified(self, name: str, mtime_ns: int) -> None:
+        """Set the access and modification times of ``name`` (never through a link)."""
+        _check_name(name)
+        os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=self.fd, follow_symlinks=False)
+
     def identity(self) -> tuple[int, int]:
         """The device and inode of this directory: to tell whether a path still leads here."""
         status = os.fstat(self.fd)

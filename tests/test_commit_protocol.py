@@ -181,10 +181,10 @@ def test_a_write_that_keeps_losing_races_is_503_and_leaves_nothing(
 
     def always_beaten(
         self: commitlog.History, content: bytes, number: int, check: Callable[[], None]
-    ) -> str:
+    ) -> None:
         # Another writer commits this very number first, every time.
         commit_by_hand(path, number, [point("other"), point(str(number))])
-        return real_commit(self, content, number, check)
+        real_commit(self, content, number, check)
 
     monkeypatch.setattr(commitlog.History, "commit", always_beaten)
     with pytest.raises(Unavailable) as refused:
