@@ -195,7 +195,7 @@ class WritePolicy:
         writing = request.method not in READ_METHODS
         if writing and self.read_only:
             return error_response(request, 403, "this server is read-only")
-        public = not writing and tuple(request.postpath) in PUBLIC_PATHS  # type: ignore[attr-defined]
+        public = not writing and tuple(request.postpath) in PUBLIC_PATHS
         if self.portal is None or public or not (writing or self.auth_reads):
             return routes.render(request)
         header = request.getHeader(b"authorization") or b""

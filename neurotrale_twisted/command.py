@@ -168,4 +168,4 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     PROGRAM = "neurotrale"
     sys.argv = ["neurotrale", "--nodaemon", "--pidfile=", "neurotrale", *args]
-    twistd.run()  # type: ignore[no-untyped-call]
+    twistd.run()

@@ -36,7 +36,7 @@ RESOLUTION = (1800, 1800, 2000)
 BLOCK = (100, 88, 36)
 
 
-def microscopy_volume(size: tuple[int, int, int], seed: int = 7) -> np.ndarray:  # type: ignore[type-arg]
+def microscopy_volume(size: tuple[int, int, int], seed: int = 7) -> np.ndarray:
     """A (z, y, x) uint16 volume of blurred cell bodies and fibres over camera noise."""
     rng = np.random.default_rng(seed)
     x, y, z = size
@@ -61,23 +61,23 @@ def microscopy_volume(size: tuple[int, int, int], seed: int = 7) -> np.ndarray: 
             pz, py, px = (start + t * direction).astype(int)
             if 0 <= pz < z and 0 <= py < y and 0 <= px < x:
                 volume[pz, max(0, py - 1) : py + 2, max(0, px - 1) : px + 2] += 2500
-    clipped: np.ndarray = np.clip(volume, 0, 65535).astype(np.uint16)  # type: ignore[type-arg]
+    clipped: np.ndarray = np.clip(volume, 0, 65535).astype(np.uint16)
     return clipped
 
 
-def downsample(volume: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+def downsample(volume: np.ndarray) -> np.ndarray:
     """Halve a (z, y, x) volume by the mean of 2x2x2 blocks (edges padded by repetition)."""
     pad = [(0, s % 2) for s in volume.shape]
     padded = np.pad(volume, pad, mode="edge").astype(np.float32)
     z, y, x = padded.shape
     blocks = padded.reshape(z // 2, 2, y // 2, 2, x // 2, 2)
-    halved: np.ndarray = blocks.mean(axis=(1, 3, 5)).round().astype(volume.dtype)  # type: ignore[type-arg]
+    halved: np.ndarray = blocks.mean(axis=(1, 3, 5)).round().astype(volume.dtype)
     return halved
 
 
 def write_scale(
     directory: Path,
-    volume: np.ndarray,  # type: ignore[type-arg]
+    volume: np.ndarray,
     compression: str | None,
     chunk: tuple[int, int, int] = CHUNK,
 ) -> None:

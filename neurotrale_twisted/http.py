@@ -631,7 +631,7 @@ class NeurotraleRoot(Resource):
         self.cors.apply(request)
         # Browsers must take our content types as they are (a data file is never a page).
         request.setHeader(b"x-content-type-options", b"nosniff")
-        postpath = fold_slashes(request.postpath)  # type: ignore[attr-defined]
+        postpath = fold_slashes(request.postpath)
         try:
             path = "/" + "/".join(segment.decode("utf-8") for segment in postpath)
         except UnicodeDecodeError:
@@ -646,7 +646,7 @@ class NeurotraleRoot(Resource):
         # access policy and for the router (which would upper-case any other spelling).
         if request.method == b"OPTIONS":
             return self.cors.preflight(request)
-        request.postpath = postpath  # type: ignore[attr-defined]
+        request.postpath = postpath
         if self.access is not None:
             return self.access.render(request, self.routes)
         return self.routes.render(request)

@@ -642,7 +642,7 @@ def _triple(text: str, kind: type[int] | type[float], what: str) -> tuple[Any, A
         values = ()
     if len(values) != 3 or not all(v > 0 and math.isfinite(v) for v in values):
         raise BadInput(f"--{what} must be three positive numbers X,Y,Z, not {text!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _check_destination(settings: IngestSettings) -> None:

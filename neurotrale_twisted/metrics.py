@@ -202,10 +202,10 @@ class ServerMetrics:
             assert self._registry is not None
             return generate_latest(self._registry)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(registry, path=self.directory)
         return generate_latest(registry)
 
     @staticmethod
     def process_exited(directory: str, pid: int) -> None:
         """Forget the live gauges of a process that exited (its counters are kept)."""
-        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid, directory)

@@ -259,7 +259,7 @@ class Directory:
                 return Directory(fd, self.child_path(name), self.fs)
             if not stat.S_ISREG(status.st_mode):
                 raise NotFound(f"{self.child_path(name)} is not a regular file")
-            return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)  # type: ignore[arg-type]
+            return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)
         except BaseException:
             os.close(fd)
             raise

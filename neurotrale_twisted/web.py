@@ -163,7 +163,7 @@ class DataFile(File):
         """
         path, _, query = request.uri.partition(b"?")
         location = b"./" + path.rsplit(b"/", 1)[-1] + b"/" + (b"?" + query if query else b"")
-        return redirectTo(location, request)  # type: ignore[no-any-return]
+        return redirectTo(location, request)
 
     def render_GET(self, request: IRequest) -> Any:
         """Serve the file, or list the directory (redirecting to the URL with a ``/``)."""
@@ -485,7 +485,7 @@ class Neurotrale:
         record_id = _query(request, b"id")
         if method == b"DELETE" and record_id is None:
             raise BadRequest("DELETE needs ?id=RECORD_ID")
-        content = request.content  # type: ignore[attr-defined]
+        content = request.content
 
         def write() -> Any:
             dataset_dir = self.root.name_of(segments)
@@ -681,7 +681,7 @@ def _query_names(request: IRequest) -> set[bytes]:
 
 def _query(request: IRequest, name: bytes) -> str | None:
     """The first value of query parameter ``name``; :class:`BadRequest` if it is not UTF-8."""
-    values = request.args.get(name)  # type: ignore[attr-defined]
+    values = request.args.get(name)
     if not values:
         return None
     try:

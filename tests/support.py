@@ -105,7 +105,7 @@ async def fetch_raw(url: str, headers: dict[str, str], method: bytes = b"GET") -
     from twisted.web.client import Agent, readBody
     from twisted.web.http_headers import Headers
 
-    agent = Agent(reactor)  # type: ignore[arg-type]
+    agent = Agent(reactor)
     response = await agent.request(
         method, url.encode(), Headers({k: [v] for k, v in headers.items()})
     )

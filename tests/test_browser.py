@@ -122,7 +122,7 @@ class RecordingResource(Resource):
 def recorded(server: RunningServer) -> list[SeenRequest]:
     """Start noting the requests ``server`` receives; returns the list they go into."""
     seen: list[SeenRequest] = []
-    site = server.port.factory  # type: ignore[attr-defined]
+    site = server.port.factory
     site.resource = RecordingResource(site.resource, seen)
     return seen
 

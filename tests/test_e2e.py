@@ -22,7 +22,7 @@ import tifffile
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
-def assemble(scale_dir: Path, size: tuple[int, int, int]) -> np.ndarray:  # type: ignore[type-arg]
+def assemble(scale_dir: Path, size: tuple[int, int, int]) -> np.ndarray:
     """The whole (x, y, z) volume of one scale, put together from its TIFF files."""
     x, y, z = size
     volume = np.zeros((x, y, z), dtype="uint16")

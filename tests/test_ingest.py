@@ -41,7 +41,7 @@ LABELS_CHUNK = "16,16,8"
 # -- An independent reference ---------------------------------------------------------------
 
 
-def _blocks(volume: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+def _blocks(volume: np.ndarray) -> np.ndarray:
     """(z/2, y/2, x/2, 8) blocks of a (z, y, x) volume whose odd edges repeat their last voxel."""
     padded = np.pad(volume, [(0, s % 2) for s in volume.shape], mode="edge")
     z, y, x = padded.shape
@@ -49,14 +49,14 @@ def _blocks(volume: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
     return blocks.reshape(z // 2, y // 2, x // 2, 8)
 
 
-def reference_mean(volume: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+def reference_mean(volume: np.ndarray) -> np.ndarray:
     """The block mean, rounded half up (exact in float64 for 16-bit voxels)."""
     mean = _blocks(volume).astype(np.float64).mean(axis=-1)
-    rounded: np.ndarray = np.floor(mean + 0.5).astype(volume.dtype)  # type: ignore[type-arg]
+    rounded: np.ndarray = np.floor(mean + 0.5).astype(volume.dtype)
     return rounded
 
 
-def reference_mode(volume: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+def reference_mode(volume: np.ndarray) -> np.ndarray:
     """The most frequent label of each block, the smallest on a tie, one block at a time."""
     blocks = _blocks(volume)
     out = np.empty(blocks.shape[:3], volume.dtype)
@@ -66,7 +66,7 @@ def reference_mode(volume: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
     return out
 
 
-def pyramid(volume: np.ndarray, levels: int, halve) -> list[np.ndarray]:  # type: ignore[no-untyped-def,type-arg]
+def pyramid(volume: np.ndarray, levels: int, halve) -> list[np.ndarray]:
     scales = [volume]
     for _ in range(levels - 1):
         scales.append(halve(scales[-1]))
@@ -76,21 +76,21 @@ def pyramid(volume: np.ndarray, levels: int, halve) -> list[np.ndarray]:  # type
 # -- Sources and the served root --------------------------------------------------------------
 
 
-def write_planes(directory: Path, volume: np.ndarray, **imwrite: object) -> Path:  # type: ignore[type-arg]
+def write_planes(directory: Path, volume: np.ndarray, **imwrite: object) -> Path:
     """One 2-D TIFF per z, named ``plane{z}.tif`` without zero padding (natural order matters)."""
     directory.mkdir(parents=True)
     for z, plane in enumerate(volume):
-        tifffile.imwrite(directory / f"plane{z}.tif", plane, **imwrite)  # type: ignore[arg-type]
+        tifffile.imwrite(directory / f"plane{z}.tif", plane, **imwrite)
     return directory
 
 
-def image_volume(size: tuple[int, int, int]) -> np.ndarray:  # type: ignore[type-arg]
+def image_volume(size: tuple[int, int, int]) -> np.ndarray:
     """(z, y, x) uint16 over the whole range, so a wrong rounding or an overflow shows."""
     x, y, z = size
     return np.random.default_rng(3).integers(0, 65536, (z, y, x), dtype=np.uint16)
 
 
-def label_volume(size: tuple[int, int, int]) -> np.ndarray:  # type: ignore[type-arg]
+def label_volume(size: tuple[int, int, int]) -> np.ndarray:
     """(z, y, x) uint32 labels from a small set, so that ties are common."""
     x, y, z = size
     labels = np.array([0, 7, 3_000_000_000, 12, 4_294_967_295], np.uint32)
@@ -114,8 +114,8 @@ def tree(directory: Path) -> dict[str, bytes]:
 @dataclass
 class Served:
     root: Path
-    image: np.ndarray  # type: ignore[type-arg]
-    labels: np.ndarray  # type: ignore[type-arg]
+    image: np.ndarray
+    labels: np.ndarray
     server: Twistd
 
 
@@ -185,7 +185,7 @@ def test_info_and_chunk_files_follow_precomputed_tif(served: Served) -> None:
     assert (labels["type"], labels["data_type"]) == ("segmentation", "uint32")
 
 
-def assert_served_scales(url: str, expected: list[np.ndarray]) -> None:  # type: ignore[type-arg]
+def assert_served_scales(url: str, expected: list[np.ndarray]) -> None:
     """cloud-volume reads every scale of the dataset at ``url`` equal to ``expected`` (z, y, x)."""
     from cloudvolume import CloudVolume
 
@@ -233,7 +233,7 @@ def test_default_levels_stop_before_a_dimension_drops_below_a_chunk() -> None:
     assert default_levels((10, 10, 10), (64, 64, 64)) == 1
 
 
-def read_scale(directory: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
+def read_scale(directory: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A scale's (z, y, x) volume put together from its chunk files, NaN-free zeros elsewhere."""
     volume = np.zeros(shape, dtype)
     for path in directory.glob("*.tiff"):

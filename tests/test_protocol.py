@@ -151,7 +151,7 @@ async def test_http_1_0_without_host_over_a_unix_socket(
     demo_server: RunningServer, unix_socket: str
 ) -> None:
     site = NeurotraleSite(demo_server.app.resource(), demo_server.settings)
-    port = reactor.listenUNIX(unix_socket, site)  # type: ignore[attr-defined]
+    port = reactor.listenUNIX(unix_socket, site)
     try:
         for target, status in [
             ("/", 200),

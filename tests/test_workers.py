@@ -385,7 +385,7 @@ def test_worker_log_lines_reach_the_parents_log_tagged() -> None:
     seen: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(seen.append)
     try:
-        proto = WorkerProtocol(SimpleNamespace(clock=reactor), "worker-2", 2)  # type: ignore[arg-type]
+        proto = WorkerProtocol(SimpleNamespace(clock=reactor), "worker-2", 2)
         proto.pid = 4242
         line = eventAsJSON(event).encode()
         proto.childDataReceived(1, line[:20])  # lines arrive in pieces
