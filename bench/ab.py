@@ -2,7 +2,8 @@
 
 For each step of the hot-path work: ``wrk -t1 -c32`` on a view's 32 chunks (they fit the
 cache), nginx (sendfile) then A then B, ``--runs`` rounds, each figure also as a ratio to
-nginx's figure of the same round (this machine is shared: absolute figures drift).
+nginx's figure of the same round (this machine is shared: absolute figures drift), and the
+CPU time each server's processes spent per request (less sensitive to other load).
 
     python bench/ab.py --a /work/main --b . [--workers 1] [--browser] [--duration 5]
 """
@@ -29,7 +30,7 @@ from chunks_bench import (  # noqa: E402
     wait_for,
     write_dataset,
 )
-from views_bench import nginx_config, view_blocks, wait_for_workers  # noqa: E402
+from views_bench import nginx_config, tree_cpu_seconds, view_blocks, wait_for_workers  # noqa: E402
 
 
 def main() -> None:
@@ -73,22 +74,31 @@ def main() -> None:
                 if label != "nginx":
                     wait_for_workers(tmp / f"{label}.log", args.workers)
             ratios: dict[str, list[float]] = {"A": [], "B": []}
+            cpu: dict[str, list[float]] = {"nginx": [], "A": [], "B": []}
+            pids = dict(zip(ports, (p.pid for p in processes), strict=True))
             for round_ in range(args.runs):
                 figures = {}
                 for label, port in ports.items():
                     base = f"http://127.0.0.1:{port}"
                     run_wrk(base, urls, 32, 1, headers, threads=1)
-                    figures[label] = run_wrk(base, urls, 32, args.duration, headers, threads=1).rps
+                    before = tree_cpu_seconds([pids[label]])
+                    result = run_wrk(base, urls, 32, args.duration, headers, threads=1)
+                    spent = tree_cpu_seconds([pids[label]]) - before
+                    figures[label] = result.rps
+                    cpu[label].append(spent / (result.rps * args.duration) * 1e6)
                 for label in ratios:
                     ratios[label].append(figures[label] / figures["nginx"])
                 print(
                     f"round {round_ + 1}: nginx {figures['nginx']:.0f}, "
                     f"A {figures['A']:.0f} ({ratios['A'][-1]:.2f}), "
-                    f"B {figures['B']:.0f} ({ratios['B'][-1]:.2f}) req/s",
+                    f"B {figures['B']:.0f} ({ratios['B'][-1]:.2f}) req/s; CPU per request: "
+                    + ", ".join(f"{k} {v[-1]:.0f} us" for k, v in cpu.items()),
                     flush=True,
                 )
             a, b = statistics.median(ratios["A"]), statistics.median(ratios["B"])
             print(f"median ratio to nginx: A {a:.2f}, B {b:.2f}; B/A {b / a:.2f}")
+            ca, cb = statistics.median(cpu["A"]), statistics.median(cpu["B"])
+            print(f"median CPU per request: A {ca:.0f} us, B {cb:.0f} us; B/A {cb / ca:.2f}")
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
