@@ -59,11 +59,11 @@ def main() -> None:
             log = tmp / f"{label}.log"
             processes.append(
                 subprocess.Popen(
-                    [twistd, "-n", "--pidfile=", "neurotrale", "--path", str(data),
+                    [twistd, "-n", "--pidfile=", f"--logfile={log}", "neurotrale",
+                     "--path", str(data),
                      "--listen", f"tcp:{ports[label]}:interface=127.0.0.1:backlog=1024",
                      "--workers", str(args.workers)],
-                    env={**os.environ, "PYTHONPATH": str(Path(tree).resolve()),
-                         "PRECOMPUTED_LOGGING": str(log)},
+                    env={**os.environ, "PYTHONPATH": str(Path(tree).resolve())},
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )

@@ -186,10 +186,10 @@ def servers(data: Path, tmp: Path, workers: int, server_args: list[str]) -> Iter
         )
     )  # fmt: skip
     neurotrale = subprocess.Popen(
-        [str(bindir / "twistd"), "-n", "--pidfile=", "neurotrale", "--path", str(data),
+        [str(bindir / "twistd"), "-n", "--pidfile=", f"--logfile={tmp / 'neurotrale.log'}",
+         "neurotrale", "--path", str(data),
          "--listen", f"tcp:{ports['neurotrale']}:interface=127.0.0.1:backlog=1024",
          "--workers", str(workers), *server_args],
-        env={**os.environ, "PRECOMPUTED_LOGGING": str(tmp / "neurotrale.log")},
         stdout=log,
         stderr=log,
     )  # fmt: skip
