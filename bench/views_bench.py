@@ -16,7 +16,10 @@ all 256 chunks, more than the cache holds; warm: cycling one view's 32 chunks), 
 the 32 chunks of one 4x4x2 block requested as a browser does (all 32 queued at once over 6
 keep-alive HTTP/1.1 connections, each answer decoded by the client before the view counts
 as loaded), over a loopback shaped to 1 Gbit/s and to 100 Mbit/s. Cold views cycle through
-8 disjoint blocks (no server cache can hold them); warm views repeat one block.
+7 disjoint blocks (no server cache can hold them); warm views repeat one block. With
+haproxy installed, views also go to this server through ``contrib/haproxy/h2.cfg`` (TLS):
+over six HTTP/1.1 connections, and over one HTTP/2 connection with all 32 requests as
+streams at once (httpx with h2, a Python client: a browser's is faster).
 
 Everything runs in a network namespace of its own (``ip netns add``), on its loopback only,
 shaped with a ``tbf`` qdisc (this kernel has no ``netem``), and the namespace is deleted at
@@ -33,7 +36,9 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -46,6 +51,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import zstandard
 
 HERE = Path(__file__).resolve().parent
@@ -165,6 +171,8 @@ class Servers:
     ports: dict[str, int]
     processes: list[subprocess.Popen[bytes]]
     neurotrale: subprocess.Popen[bytes]
+    #: haproxy's certificate (None: no haproxy installed, no HTTP/2 views).
+    tls: Path | None
 
 
 @contextmanager
@@ -194,8 +202,34 @@ def servers(data: Path, tmp: Path, workers: int, server_args: list[str]) -> Iter
         stderr=log,
     )  # fmt: skip
     processes.append(neurotrale)
+    tls: Path | None = None
+    if shutil.which("haproxy"):
+        # This server behind haproxy (contrib/haproxy/h2.cfg): TLS, ALPN h2 and http/1.1.
+        cert, key, pem = tmp / "cert.pem", tmp / "key.pem", tmp / "haproxy.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        pem.write_bytes(cert.read_bytes() + key.read_bytes())
+        tls = cert
+        ports["haproxy"] = free_port()
+        processes.append(
+            subprocess.Popen(
+                ["haproxy", "-db", "-f", str(HERE.parent / "contrib" / "haproxy" / "h2.cfg")],
+                env={
+                    **os.environ,
+                    "NEUROTRALE_SERVER": f"127.0.0.1:{ports['neurotrale']}",
+                    "NEUROTRALE_PROXY_BIND": f"127.0.0.1:{ports['haproxy']}",
+                    "NEUROTRALE_TLS_PEM": str(pem),
+                },
+                stdout=log,
+                stderr=log,
+            )
+        )
     try:
-        yield Servers(ports, processes, neurotrale)
+        yield Servers(ports, processes, neurotrale, tls)
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -213,18 +247,44 @@ def servers(data: Path, tmp: Path, workers: int, server_args: list[str]) -> Iter
 class Connection:
     """One keep-alive HTTP/1.1 connection, asking for one path at a time, as a browser does."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
-        self.reader = reader
-        self.writer = writer
-        self.host = host
+    def __init__(self, port: int, tls: ssl.SSLContext | None) -> None:
+        self.port = port
+        self.tls = tls
+        self.host = f"127.0.0.1:{port}"
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        """Open the connection (over TLS to ``localhost`` with a context)."""
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1",
+            self.port,
+            limit=1 << 20,
+            ssl=self.tls,
+            server_hostname="localhost" if self.tls is not None else None,
+        )
 
     async def get(self, path: str, accept: str | None) -> tuple[int, bytes]:
-        """GET ``path``; return the bytes received for the body and the decoded body."""
+        """GET ``path``; return the bytes received for the body and the decoded body.
+
+        A kept-alive connection the server closed before answering is opened again and the
+        request sent once more, as browsers do.
+        """
         headers = f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\nConnection: keep-alive\r\n"
         if accept is not None:
             headers += f"Accept-Encoding: {accept}\r\n"
-        self.writer.write((headers + "\r\n").encode())
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        request = (headers + "\r\n").encode()
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(request)
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.close()
+            await self.connect()
+            assert self.reader is not None and self.writer is not None
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        reader = self.reader
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
         fields = {}
@@ -235,21 +295,23 @@ class Connection:
         if fields.get("transfer-encoding", "").lower() == "chunked":
             parts = []
             while True:
-                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
                 if size == 0:
-                    await self.reader.readuntil(b"\r\n")  # no trailers from these servers
+                    await reader.readuntil(b"\r\n")  # no trailers from these servers
                     break
-                parts.append(await self.reader.readexactly(size))
-                await self.reader.readexactly(2)
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
             body = b"".join(parts)
         else:
-            body = await self.reader.readexactly(int(fields.get("content-length", "0")))
+            body = await reader.readexactly(int(fields.get("content-length", "0")))
         if status != 200:
             raise RuntimeError(f"GET {path}: {status} {body[:200]!r}")
         return len(body), decode(body, fields.get("content-encoding"))
 
     def close(self) -> None:
-        self.writer.close()
+        """Close the connection."""
+        if self.writer is not None:
+            self.writer.close()
 
 
 def decode(body: bytes, coding: str | None) -> bytes:
@@ -265,12 +327,14 @@ def decode(body: bytes, coding: str | None) -> bytes:
     raise RuntimeError(f"the client cannot decode {coding!r}")
 
 
-async def open_connections(port: int, count: int) -> list[Connection]:
-    """``count`` connections to the server on this loopback's ``port``."""
-    connections = []
-    for _ in range(count):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-        connections.append(Connection(reader, writer, f"127.0.0.1:{port}"))
+async def open_connections(
+    port: int, count: int, tls: ssl.SSLContext | None = None
+) -> list[Connection]:
+    """``count`` connections to the server on this loopback's ``port`` (over TLS with ``tls``,
+    to ``localhost``)."""
+    connections = [Connection(port, tls) for _ in range(count)]
+    for connection in connections:
+        await connection.connect()
     return connections
 
 
@@ -307,16 +371,66 @@ class ViewResult:
     wire_bytes: int
 
 
+async def load_view_http2(
+    client: httpx.AsyncClient,
+    base: str,
+    paths: list[str],
+    accept: str | None,
+    sizes: dict[str, int],
+) -> tuple[float, int]:
+    """:func:`load_view` over one HTTP/2 connection: every request sent at once as a stream
+    (httpx decodes the answers)."""
+    headers = {"Accept-Encoding": accept or "identity"}
+    started = time.perf_counter()
+    responses = await asyncio.gather(*(client.get(base + p, headers=headers) for p in paths))
+    seconds = time.perf_counter() - started
+    for path, response in zip(paths, responses, strict=True):
+        if response.status_code != 200 or len(response.content) != sizes[path]:
+            raise RuntimeError(f"GET {path}: {response.status_code}, {len(response.content)} B")
+        if response.http_version != "HTTP/2":
+            raise RuntimeError(f"GET {path}: {response.http_version}, not HTTP/2")
+    return seconds, sum(r.num_bytes_downloaded for r in responses)
+
+
 def measure_views(
-    port: int, views: list[list[str]], accept: str | None, repeat: int, sizes: dict[str, int]
+    port: int,
+    views: list[list[str]],
+    accept: str | None,
+    repeat: int,
+    sizes: dict[str, int],
+    transport: str = "http/1.1",
+    tls: Path | None = None,
 ) -> ViewResult:
     """Load each of ``views`` in turn, ``repeat`` views in all; the median seconds.
 
-    ``sizes`` are the decoded bodies' lengths by path.
+    ``sizes`` are the decoded bodies' lengths by path. ``transport`` is ``http/1.1`` (six
+    connections, over TLS trusting the certificate ``tls``) or ``h2`` (one connection, TLS).
+    Each gets a TLS context of its own: httpx sets its ALPN protocols on the context it is
+    given, and an HTTP/1.1 client on that context would be offered h2.
     """
 
+    async def main_http2() -> ViewResult:
+        base = f"https://localhost:{port}"
+        context = ssl.create_default_context(cafile=str(tls))
+        async with httpx.AsyncClient(http2=True, verify=context, timeout=120) as client:
+            await client.get(base + "/healthz")  # the connection, opened before the views
+            times = []
+            wire = 0
+            for i in range(repeat):
+                seconds, wire = await load_view_http2(
+                    client, base, views[i % len(views)], accept, sizes
+                )
+                times.append(seconds)
+            return ViewResult(statistics.median(times), times, wire)
+
     async def main() -> ViewResult:
-        connections = await open_connections(port, CONNECTIONS)
+        if transport == "h2":
+            return await main_http2()
+        context = None
+        if tls is not None:
+            context = ssl.create_default_context(cafile=str(tls))
+            context.set_alpn_protocols(["http/1.1"])
+        connections = await open_connections(port, CONNECTIONS, context)
         try:
             times = []
             wire = 0
@@ -438,8 +552,9 @@ def inside(args: argparse.Namespace) -> None:
         url_files["cold"].write_text("\n".join(paths) + "\n")
         url_files["warm"].write_text("\n".join(blocks[0]) + "\n")
         with servers(data, tmp, args.workers, args.server_args.split()) as running:
-            for port in running.ports.values():
-                wait_for(f"http://127.0.0.1:{port}{paths[0]}")
+            for name, port in running.ports.items():
+                if name != "haproxy":
+                    wait_for(f"http://127.0.0.1:{port}{paths[0]}")
             wait_for_workers(tmp / "neurotrale.log", args.workers)
             sizes = {p: (data / (p.lstrip("/") + ".tiff")).stat().st_size for p in paths}
             voxels = dict.fromkeys(paths, chunk_bytes)
@@ -482,25 +597,36 @@ def inside(args: argparse.Namespace) -> None:
             # holds it any more.
             cold_blocks = blocks[1:]
             cursor = 0
+            view_cases = [(server, encoding, server, "http/1.1") for server, encoding in cases]
+            if running.tls is not None:
+                # This server behind haproxy over TLS: six HTTP/1.1 connections, or one HTTP/2.
+                view_cases += [
+                    ("haproxy 6 x h1", "browser", "haproxy", "http/1.1+tls"),
+                    ("haproxy 1 x h2", "browser", "haproxy", "h2"),
+                ]
             for link, rate in LINKS:
                 shape(rate)
                 for temperature in ("cold", "warm"):
-                    for server, encoding in cases:
+                    for server, encoding, target, transport in view_cases:
                         accept = BROWSER if encoding == "browser" else None
-                        port = running.ports[server]
+                        port = running.ports[target]
                         # nginx sends the TIFF files as stored; the others, the voxels.
                         expected = sizes if server.startswith("nginx") else voxels
+                        how = {
+                            "transport": "h2" if transport == "h2" else "http/1.1",
+                            "tls": running.tls if transport != "http/1.1" else None,
+                        }
                         if temperature == "warm":
                             chosen = blocks[:1]
-                            measure_views(port, chosen, accept, 3, expected)
+                            measure_views(port, chosen, accept, 3, expected, **how)  # type: ignore[arg-type]
                         else:
                             chosen = cold_blocks[cursor:] + cold_blocks[:cursor]
                             cursor = (cursor + repeat) % len(cold_blocks)
                         settle(server_pids)
-                        result = measure_views(port, chosen, accept, repeat, expected)
+                        result = measure_views(port, chosen, accept, repeat, expected, **how)  # type: ignore[arg-type]
                         views[(server, encoding, temperature, link)] = result
                         print(
-                            f"view {link:<10} {server:<11} {encoding:<8} {temperature:<4} "
+                            f"view {link:<10} {server:<14} {encoding:<8} {temperature:<4} "
                             f"median {result.seconds:.3f} s "
                             f"({', '.join(f'{t:.3f}' for t in result.runs)}) "
                             f"{result.wire_bytes / 2**20:.1f} MiB",
