@@ -100,18 +100,25 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(
-    base: str, urls_file: Path, connections: int, duration: int, headers: dict[str, str]
+    base: str,
+    urls_file: Path,
+    connections: int,
+    duration: int,
+    headers: dict[str, str],
+    threads: int = 2,
 ) -> Result:
     """Drive ``base`` with wrk cycling through the URLs; parse what it prints."""
     args = [
         "wrk",
         "-t",
-        "2",
+        str(threads),
         "-c",
         str(connections),
         "-d",
         f"{duration}s",
         "--latency",
+        "--timeout",
+        "30s",
         "-s",
         str(HERE / "cycle.lua"),
     ]

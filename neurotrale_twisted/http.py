@@ -8,7 +8,6 @@ code and a JSON body.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -21,8 +20,8 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.static import NoRangeStaticProducer
 
+from .body import BodyProducer
 from .connections import LogThrottle
 from .protocol import absolute_form, host_fault, method_fault, request_fault
 
@@ -133,12 +132,8 @@ class JsonErrorResource(Resource):
 
 
 class BodyResource(Resource):
-    """A leaf that sends a body held in memory, a piece at a time as the client reads it.
-
-    Writing a large body at once would copy it whole into the connection's buffer for as
-    long as the client takes to read it; Twisted's ``NoRangeStaticProducer`` instead writes
-    64 KiB pieces as the buffer drains, so slow clients cost little memory.
-    """
+    """A leaf that sends a body held in memory, a piece at a time as the client reads it
+    (:class:`body.BodyProducer`), so slow clients cost little memory."""
 
     isLeaf = True
 
@@ -151,7 +146,7 @@ class BodyResource(Resource):
         request.setHeader(b"content-length", b"%d" % len(self.body))
         if request.method == b"HEAD":
             return b""
-        NoRangeStaticProducer(request, io.BytesIO(self.body)).start()
+        BodyProducer(request, self.body).start()  # type: ignore[arg-type]  # an http.Request
         return server.NOT_DONE_YET
 
 

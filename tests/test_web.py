@@ -435,3 +435,36 @@ async def test_head_of_a_missing_file_is_a_quiet_404(
     assert header(response, "content-type") == "application/json"
     assert int(header(response, "content-length") or 0) > 0 and body == b""
     assert not any("I think I'll eat it" in str(e.get("log_format", "")) for e in logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunk_fast_path_answers_as_the_klein_route(demo_server: RunningServer) -> None:
+    """A chunk URL in plain segments is answered before Klein (``web.ChunkRoutes``); the same
+    URL with an escape (``%2D`` for ``-``) goes through Klein's chunk route. Both answers,
+    found and missing, plain and compressed, ``GET`` and ``HEAD``, must be the same bytes and
+    headers."""
+    identity = {"Accept-Encoding": "identity"}
+    cases = [
+        ("GET", CHUNK, identity, 200),
+        ("GET", CHUNK, {"Accept-Encoding": BROWSER_ENCODINGS}, 200),
+        ("GET", CHUNK, {**identity, "Range": "bytes=10-19"}, 206),
+        ("HEAD", CHUNK, identity, 200),
+        ("GET", "/demo-brain/1_1_1/0-64_0-64_0-31", identity, 404),  # no such chunk
+        ("GET", "/demo-brain/9_9_9/0-64_0-64_0-32", identity, 404),  # no such scale
+    ]
+    for method, url, headers, status in cases:
+        escaped = url.replace("demo-brain", "demo%2Dbrain")
+        answers = []
+        for spelling in (url, escaped):
+            response = await treq.request(method, demo_server.url + spelling, headers=headers)
+            body = await treq.content(response)
+            kept = {
+                name: values
+                for name, values in response.headers.getAllRawHeaders()
+                if name.lower() not in (b"date", b"x-neurotrale-worker")
+            }
+            answers.append((response.code, kept, body))
+        assert answers[0][0] == status, (method, url)
+        assert answers[0] == answers[1], (method, url)
+        if method == "GET" and status == 200 and headers == identity:
+            assert answers[0][2] == expected_chunk(demo_server.root, CHUNK)
