@@ -678,7 +678,7 @@ class ChunkRoutes(Resource):
 
     def render(self, request: IRequest) -> Any:
         """Answer a chunk here; hand any other request to the routes."""
-        postpath: list[bytes] = request.postpath  # type: ignore[attr-defined]
+        postpath: list[bytes] = request.postpath
         if (
             request.method not in (b"GET", b"HEAD")
             or len(postpath) < 3
@@ -699,7 +699,7 @@ class ChunkRoutes(Resource):
                 return
             if isinstance(result, bytes):
                 request.write(result)
-                request.finish()  # type: ignore[attr-defined]
+                request.finish()
             else:
                 request.render(result)  # type: ignore[attr-defined]
 
