@@ -110,3 +110,18 @@ async def fetch_raw(url: str, headers: dict[str, str], method: bytes = b"GET") -
         method, url.encode(), Headers({k: [v] for k, v in headers.items()})
     )
     return response, await readBody(response)
+
+
+def status_of(answer: bytes) -> int:
+    """The status code of a raw HTTP answer (from :func:`raw_http`)."""
+    return int(answer.split(b" ", 2)[1])
+
+
+def headers_of(answer: bytes) -> dict[str, list[str]]:
+    """The headers of a raw HTTP answer, by lower-case name, each with its values in order."""
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    headers: dict[str, list[str]] = {}
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return headers

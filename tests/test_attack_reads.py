@@ -27,24 +27,11 @@ from twisted.internet.threads import deferToThread
 
 from neurotrale_twisted.static import MAX_LISTED
 from tests.conftest import RunningServer
-from tests.support import raw_http, write_chunk, write_info
+from tests.support import headers_of, raw_http, status_of, write_chunk, write_info
 
 INFO = "/demo-brain/info"
 CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
 FIBERS = "/demo-brain/annotations/x0y0z0/fibers.json"
-
-
-def _status(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1])
-
-
-def _headers(answer: bytes) -> dict[str, list[str]]:
-    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
-    headers: dict[str, list[str]] = {}
-    for line in head.split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return headers
 
 
 def _body(answer: bytes) -> bytes:
@@ -84,7 +71,7 @@ async def test_static_ranges_a_file_is_shorter_than_or_several_ranges(
         for method in ("GET", "HEAD"):
             answer = await _raw(demo_server, _get(INFO, f"Range: {spec}", method=method), 5)
             assert answer, (spec, method, "no answer: the connection hung")
-            status, headers = _status(answer), _headers(answer)
+            status, headers = status_of(answer), headers_of(answer)
             assert status in (200, 206), (spec, method, answer[:300])
             if status == 206:
                 assert headers["content-range"] == [f"bytes 0-{size - 1}/{size}"], spec
@@ -92,13 +79,13 @@ async def test_static_ranges_a_file_is_shorter_than_or_several_ranges(
             assert _body(answer) == (content if method == "GET" else b""), (spec, method)
     for spec in (f"bytes={size + 10}-{size + 20},{size + 30}-", f"bytes={size}-"):
         answer = await _raw(demo_server, _get(INFO, f"Range: {spec}"), 5)
-        assert _status(answer) in (200, 416), (spec, answer[:300])
-        if _status(answer) == 416:
+        assert status_of(answer) in (200, 416), (spec, answer[:300])
+        if status_of(answer) == 416:
             assert json.loads(_body(answer))["status"] == 416
-            assert _headers(answer)["content-range"] == [f"bytes */{size}"]
+            assert headers_of(answer)["content-range"] == [f"bytes */{size}"]
     # An ordinary single range still works.
     answer = await _raw(demo_server, _get(INFO, "Range: bytes=-5"))
-    assert (_status(answer), _body(answer)) == (206, content[-5:])
+    assert (status_of(answer), _body(answer)) == (206, content[-5:])
 
 
 # --- If-None-Match ----------------------------------------------------------------------
@@ -112,19 +99,19 @@ async def test_if_none_match_lists_and_weak_tags_on_every_read_route(
     304 on the static route as on the chunks', and a 304 says no ``Content-Length: 0``."""
     for target in (INFO, CHUNK, FIBERS, "/api/openapi.json"):
         answer = await _raw(demo_server, _get(target))
-        etag = _headers(answer)["etag"][0]
+        etag = headers_of(answer)["etag"][0]
         for header in (etag, f'"a", {etag}', f'"a",{etag}', f"W/{etag}", f'"x" ,W/{etag}', "*"):
             for method in ("GET", "HEAD"):
                 answer = await _raw(
                     demo_server, _get(target, f"If-None-Match: {header}", method=method)
                 )
-                assert _status(answer) == 304, (target, header, method, answer[:200])
+                assert status_of(answer) == 304, (target, header, method, answer[:200])
                 assert _body(answer) == b""
-                assert _headers(answer).get("content-length", [None]) != ["0"], (target, method)
-                assert _headers(answer)["etag"] == [etag]
+                assert headers_of(answer).get("content-length", [None]) != ["0"], (target, method)
+                assert headers_of(answer)["etag"] == [etag]
         for header in ('"a", "b"', etag[:-1], etag.strip('"')):
             answer = await _raw(demo_server, _get(target, f"If-None-Match: {header}"))
-            assert _status(answer) == 200, (target, header)
+            assert status_of(answer) == 200, (target, header)
 
 
 # --- request targets --------------------------------------------------------------------
@@ -137,14 +124,14 @@ async def test_asterisk_is_answered_like_every_other_request(
     """``OPTIONS *`` is the server's own capabilities; any other method on ``*`` is refused
     like any other request (JSON, CORS, ``nosniff``; 501 for an unknown method)."""
     answer = await _raw(demo_server, _get("*", "Origin: https://viewer.example", method="OPTIONS"))
-    headers = _headers(answer)
-    assert _status(answer) in (200, 204), answer[:300]
+    headers = headers_of(answer)
+    assert status_of(answer) in (200, 204), answer[:300]
     assert headers["access-control-allow-origin"] == ["*"]
     assert headers["x-content-type-options"] == ["nosniff"]
     for method, status in (("GET", 405), ("DELETE", 405), ("get", 405), ("FOO", 501)):
         answer = await _raw(demo_server, _get("*", method=method))
-        headers = _headers(answer)
-        assert _status(answer) == status, (method, answer[:300])
+        headers = headers_of(answer)
+        assert status_of(answer) == status, (method, answer[:300])
         assert json.loads(_body(answer)) == {
             "error": json.loads(_body(answer))["error"],
             "status": status,
@@ -152,7 +139,7 @@ async def test_asterisk_is_answered_like_every_other_request(
         assert headers["access-control-allow-origin"] == ["*"]
         assert headers["x-content-type-options"] == ["nosniff"]
     no_host = b"OPTIONS * HTTP/1.1\r\nConnection: close\r\n\r\n"
-    assert _status(await _raw(demo_server, no_host)) == 400
+    assert status_of(await _raw(demo_server, no_host)) == 400
 
 
 @pytest_twisted.ensureDeferred
@@ -163,15 +150,15 @@ async def test_request_targets_that_are_not_a_path(demo_server: RunningServer) -
     content = (demo_server.root / "demo-brain" / "info").read_bytes()
     for target in (f"http://localhost{INFO}", f"HTTP://other.example:81{INFO}"):
         answer = await _raw(demo_server, _get(target))
-        assert (_status(answer), _body(answer)) == (200, content), (target, answer[:300])
+        assert (status_of(answer), _body(answer)) == (200, content), (target, answer[:300])
     answer = await _raw(demo_server, _get("http://localhost"))
-    assert _status(answer) == 200 and b"demo-brain" in _body(answer)
+    assert status_of(answer) == 200 and b"demo-brain" in _body(answer)
     for target in ("xdemo-brain/info", "demo-brain/info", "xhealthz", "%2fdemo-brain/info"):
         for method in ("GET", "PUT", "DELETE"):
             answer = await _raw(demo_server, _get(target, method=method))
-            assert _status(answer) == 400, (target, method, answer[:300])
+            assert status_of(answer) == 400, (target, method, answer[:300])
             assert json.loads(_body(answer))["status"] == 400
-            assert _headers(answer)["access-control-allow-origin"] == ["*"]
+            assert headers_of(answer)["access-control-allow-origin"] == ["*"]
 
 
 # --- names and permissions on disk ------------------------------------------------------
@@ -259,7 +246,7 @@ async def test_a_huge_directory_lists_its_first_names_only(
     server = serve(data_root)
     for method in ("GET", "HEAD"):
         answer = await _raw(server, _get("/big/", method=method), 30)
-        assert _status(answer) == 200
+        assert status_of(answer) == 200
         page = _body(answer).decode()
         if method == "HEAD":
             assert page == ""
@@ -334,17 +321,20 @@ async def test_if_range_that_names_another_version_gets_the_whole_file(
     body; one that names it (its strong ETag, its ``Last-Modified``) gets the range."""
     for target in (INFO, CHUNK):
         whole = await _raw(demo_server, _get(target))
-        headers = _headers(whole)
+        headers = headers_of(whole)
         etag, modified = headers["etag"][0], headers["last-modified"][0]
         for validator in ('"another"', f"W/{etag}", "Thu, 01 Jan 1970 00:00:00 GMT"):
             asked = _get(target, "Range: bytes=0-3", f"If-Range: {validator}")
             answer = await _raw(demo_server, asked)
-            assert _status(answer) == 200, (target, validator, answer[:200])
+            assert status_of(answer) == 200, (target, validator, answer[:200])
             assert _body(answer) == _body(whole)
         for validator in (etag, modified):
             asked = _get(target, "Range: bytes=0-3", f"If-Range: {validator}")
             answer = await _raw(demo_server, asked)
-            assert (_status(answer), _body(answer)) == (206, _body(whole)[:4]), (target, validator)
+            assert (status_of(answer), _body(answer)) == (206, _body(whole)[:4]), (
+                target,
+                validator,
+            )
 
 
 @pytest_twisted.ensureDeferred

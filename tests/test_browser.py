@@ -51,8 +51,7 @@ def _missing_browser() -> str | None:
     return None
 
 
-@pytest.fixture(autouse=True)
-def browser_available() -> None:
+def require_browser() -> None:
     """Skip without a browser; under CI=true a missing browser fails instead."""
     missing = _missing_browser()
     if missing is None:
@@ -60,6 +59,12 @@ def browser_available() -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"browser tests cannot run in CI: {missing}")
     pytest.skip(missing)
+
+
+@pytest.fixture(autouse=True)
+def browser_available() -> None:
+    """Skip without a browser; under CI=true a missing browser fails instead."""
+    require_browser()
 
 
 def in_browser(work: Callable[[Any], T]) -> T:

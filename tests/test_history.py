@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from neurotrale_twisted.history import CONTENT_SECURITY_POLICY, HISTORY_ASSETS
 from tests.conftest import RunningServer
 from tests.support import header
-from tests.test_browser import _missing_browser, in_browser, recorded
+from tests.test_browser import in_browser, recorded, require_browser
 
 SLICE = "demo-brain/annotations/x0y0z0/z-0010.json"
 STRICT_CSP = (
@@ -32,12 +32,7 @@ STRICT_CSP = (
 @pytest.fixture
 def browser() -> None:
     """Skip without a browser; under CI=true a missing browser fails instead."""
-    missing = _missing_browser()
-    if missing is None:
-        return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"browser tests cannot run in CI: {missing}")
-    pytest.skip(missing)
+    require_browser()
 
 
 # --- over HTTP ----------------------------------------------------------------------------

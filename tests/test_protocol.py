@@ -26,26 +26,13 @@ from twisted.logger import formatEvent
 
 from neurotrale_twisted.http import NeurotraleSite
 from tests.conftest import RunningServer
-from tests.support import raw_http, write_chunk, write_info
+from tests.support import headers_of, raw_http, status_of, write_chunk, write_info
 from tests.test_security import snapshot
 
 FIBERS = "/demo-brain/annotations/x0y0z0/fibers.json"
 CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
 #: An absolute path in a message: a ``/`` that begins a word and has another ``/`` after it.
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s/'\"]+/")
-
-
-def _status(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1])
-
-
-def _headers(answer: bytes) -> dict[str, list[str]]:
-    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
-    headers: dict[str, list[str]] = {}
-    for line in head.split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return headers
 
 
 def _json(answer: bytes) -> Any:
@@ -125,7 +112,7 @@ async def test_host_is_required_once_in_http_1_1(demo_server: RunningServer) -> 
     ]
     for request in faults:
         answer = await _raw(demo_server, request)
-        assert _status(answer) == 400, (request, answer[:300])
+        assert status_of(answer) == 400, (request, answer[:300])
         assert _json(answer)["status"] == 400
     fine = [
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -135,7 +122,7 @@ async def test_host_is_required_once_in_http_1_1(demo_server: RunningServer) -> 
         b"GET / HTTP/1.0\r\n\r\n",
     ]
     for request in fine:
-        assert _status(await _raw(demo_server, request)) == 200, request
+        assert status_of(await _raw(demo_server, request)) == 200, request
 
 
 @pytest.fixture
@@ -164,7 +151,7 @@ async def test_http_1_0_without_host_over_a_unix_socket(
         ]:
             request = f"GET {target} HTTP/1.0\r\n\r\n".encode()
             answer = await deferToThread(raw_http, unix_socket, request)
-            assert _status(answer) == status, (target, answer[:300])
+            assert status_of(answer) == status, (target, answer[:300])
         index = await deferToThread(raw_http, unix_socket, b"GET / HTTP/1.0\r\n\r\n")
         assert b"precomputed://http://localhost/demo-brain" in index
     finally:
@@ -208,12 +195,12 @@ async def test_double_slashes_never_redirect_to_another_host(demo_server: Runnin
     ]:
         request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
         answer = await _raw(demo_server, request)
-        status = _status(answer)
+        status = status_of(answer)
         if target.startswith("//evil"):
             assert status == 404, answer[:300]
             continue
         assert status in (301, 302), (target, answer[:300])
-        [location] = _headers(answer)["location"]
+        [location] = headers_of(answer)["location"]
         assert not location.startswith("//") and "://" not in location, (target, location)
         resolved = urlsplit(urljoin(f"http://x{target}", location))
         assert resolved.netloc == "x", (target, location)
@@ -225,7 +212,7 @@ async def test_double_slashes_never_redirect_to_another_host(demo_server: Runnin
             f"GET {resolved.path}?{resolved.query} HTTP/1.1\r\nHost: x\r\n"
             "Connection: close\r\n\r\n".encode(),
         )
-        assert _status(followed) == 200, (target, location, followed[:300])
+        assert status_of(followed) == 200, (target, location, followed[:300])
 
 
 # --- query strings and names -------------------------------------------------------------
