@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurotrale_twisted.demo import write_scale
+from neurotrale_twisted.tools.demo import write_scale
 
 HERE = Path(__file__).resolve().parent
 BROWSER = "gzip, deflate, br, zstd"

@@ -82,7 +82,7 @@ def main() -> int:
         command = [
             sys.executable,
             "-m",
-            "neurotrale_twisted.ingest",
+            "neurotrale_twisted.tools.ingest",
             "--source",
             str(planes),
             "--dest",

@@ -1,6 +1,6 @@
 """``python -m neurotrale_twisted ARGS``: the ``neurotrale`` command (the server, in the
 foreground)."""
 
-from neurotrale_twisted.command import main
+from neurotrale_twisted.process.command import main
 
 main()

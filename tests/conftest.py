@@ -14,10 +14,10 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
-from neurotrale_twisted.demo import write_demo
-from neurotrale_twisted.http import CorsPolicy, HttpSettings, NeurotraleSite
-from neurotrale_twisted.paths import DataRoot
-from neurotrale_twisted.web import Neurotrale
+from neurotrale_twisted.core.paths import DataRoot
+from neurotrale_twisted.tools.demo import write_demo
+from neurotrale_twisted.web.app import Neurotrale
+from neurotrale_twisted.web.site import CorsPolicy, HttpSettings, NeurotraleSite
 
 
 @pytest.fixture(scope="session")

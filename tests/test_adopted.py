@@ -1,4 +1,5 @@
-"""A worker's adoption of the parent's listening sockets (:mod:`neurotrale_twisted.adopted`).
+"""A worker's adoption of the parent's listening sockets
+(:mod:`neurotrale_twisted.process.adopted`).
 
 Each workaround there is checked here with a real socket and a real client: a UNIX socket a
 worker stops serving keeps its file, its mode and its listening; an ``ssl:`` socket is served
@@ -20,7 +21,7 @@ from twisted.internet import protocol, reactor
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.threads import deferToThread
 
-from neurotrale_twisted.adopted import AdoptedEndpoint, Inherited, SharedSocket, tls_context
+from neurotrale_twisted.process.adopted import AdoptedEndpoint, Inherited, SharedSocket, tls_context
 
 from .test_workers import self_signed
 

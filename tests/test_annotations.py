@@ -1,4 +1,4 @@
-"""Tests of neurotrale_twisted.annotations: what a user sees on disk and in errors.
+"""Tests of neurotrale_twisted.core.annotations: what a user sees on disk and in errors.
 
 Plain pytest with ``tmp_path``; no reactor. The concurrency and crash tests use real
 threads and real processes (``spawn``) on one file and print their figures (run with ``-s``).
@@ -30,7 +30,7 @@ _CHECKOUT = str(Path(__file__).resolve().parents[1])
 if _CHECKOUT not in sys.path:
     sys.path.insert(0, _CHECKOUT)
 
-from neurotrale_twisted.annotations import (  # noqa: E402
+from neurotrale_twisted.core.annotations import (  # noqa: E402
     ANNOTATION_NAME,
     AnnotationStore,
     StoredFile,
@@ -39,7 +39,7 @@ from neurotrale_twisted.annotations import (  # noqa: E402
     parse_records,
     validate_records,
 )
-from neurotrale_twisted.errors import (  # noqa: E402
+from neurotrale_twisted.core.errors import (  # noqa: E402
     BadRequest,
     DomainError,
     Forbidden,
@@ -47,7 +47,7 @@ from neurotrale_twisted.errors import (  # noqa: E402
     PreconditionFailed,
     ServerError,
 )
-from neurotrale_twisted.paths import DataRoot  # noqa: E402
+from neurotrale_twisted.core.paths import DataRoot  # noqa: E402
 
 SIZE = (1000, 800, 300)
 

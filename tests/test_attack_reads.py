@@ -25,7 +25,7 @@ import tifffile
 import treq
 from twisted.internet.threads import deferToThread
 
-from neurotrale_twisted.static import MAX_LISTED
+from neurotrale_twisted.core.static import MAX_LISTED
 from tests.conftest import RunningServer
 from tests.support import headers_of, raw_http, status_of, write_chunk, write_info
 

@@ -116,9 +116,9 @@ def test_an_edit_on_disk_already_committed_is_not_committed_again_over_newer_wor
 #: write (before or after it): argv = root, keep_versions, kill_at, before|after, method, id.
 KILLED_WRITER = r"""
 import os, signal, sys
-from neurotrale_twisted import rootfs
-from neurotrale_twisted.annotations import AnnotationStore
-from neurotrale_twisted.paths import DataRoot
+from neurotrale_twisted.core import rootfs
+from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.paths import DataRoot
 
 root, keep, kill_at, when, method, rid = sys.argv[1:]
 kill_at = int(kill_at)
@@ -301,9 +301,9 @@ def test_each_write_answers_the_etag_a_read_gives_and_a_stray_put_is_undone_by_o
 #: trims an older entry: argv = root, keep_versions, writes.
 UNPUBLISHED_WRITER = r"""
 import errno, sys
-from neurotrale_twisted import commitlog
-from neurotrale_twisted.annotations import AnnotationStore
-from neurotrale_twisted.paths import DataRoot
+from neurotrale_twisted.core import commitlog
+from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.paths import DataRoot
 
 def full(self, *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -353,9 +353,9 @@ def test_commits_whose_publishing_keeps_failing_stay_the_content(
 STALLED_WRITER = r"""
 import os, signal, sys, time
 from pathlib import Path
-from neurotrale_twisted import rootfs
-from neurotrale_twisted.annotations import AnnotationStore
-from neurotrale_twisted.paths import DataRoot
+from neurotrale_twisted.core import rootfs
+from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.paths import DataRoot
 
 root, keep, stalled, release = sys.argv[1:]
 real = rootfs.Directory.rename
@@ -369,7 +369,7 @@ def rename(self, source, target, target_dir=None):
 
 rootfs.Directory.rename = rename
 import contextlib
-from neurotrale_twisted import annotations
+from neurotrale_twisted.core import annotations
 annotations.same_host_lock = lambda block, name: contextlib.nullcontext()  # another host
 data = DataRoot(root)
 store = AnnotationStore(data, keep_versions=int(keep))

@@ -16,7 +16,7 @@ import pytest_twisted
 import treq
 from twisted.python import usage
 
-from neurotrale_twisted.service import Options
+from neurotrale_twisted.process.options import Options
 from tests.conftest import RunningServer
 from tests.support import header
 

@@ -14,8 +14,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neurotrale_twisted.cache import LruCache
-from neurotrale_twisted.chunks import (
+from neurotrale_twisted.core.cache import LruCache
+from neurotrale_twisted.core.chunks import (
     ChunkName,
     ChunkSource,
     InfoCache,
@@ -25,9 +25,9 @@ from neurotrale_twisted.chunks import (
     read_layout,
     scale_format,
 )
-from neurotrale_twisted.errors import NotFound, ServerError
-from neurotrale_twisted.paths import DataRoot
-from neurotrale_twisted.rootfs import RootFS
+from neurotrale_twisted.core.errors import NotFound, ServerError
+from neurotrale_twisted.core.paths import DataRoot
+from neurotrale_twisted.core.rootfs import RootFS
 from tests.support import raw_of, write_chunk, write_info
 
 

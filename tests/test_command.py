@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 
 from neurotrale_twisted import project_version
-from neurotrale_twisted.annotations import AnnotationStore
-from neurotrale_twisted.cpus import cgroup_cpu_quota, usable_cpus
-from neurotrale_twisted.demo import main as demo_main
-from neurotrale_twisted.paths import DataRoot
-from neurotrale_twisted.service import Options
+from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.cpus import cgroup_cpu_quota, usable_cpus
+from neurotrale_twisted.core.paths import DataRoot
+from neurotrale_twisted.process.options import Options
+from neurotrale_twisted.tools.demo import main as demo_main
 
 from .test_e2e import TWISTD
 from .test_workers import children_of
@@ -169,8 +169,8 @@ def test_every_command_prints_the_project_version() -> None:
     for command, name in [
         ([*COMMANDS["twistd neurotrale"], "--version"], "neurotrale-twisted"),
         ([*COMMANDS["neurotrale"], "--version"], "neurotrale-twisted"),
-        ([PYTHON, "-m", "neurotrale_twisted.ingest", "--version"], "neurotrale-ingest"),
-        ([PYTHON, "-m", "neurotrale_twisted.demo", "--version"], "neurotrale-demo"),
+        ([PYTHON, "-m", "neurotrale_twisted.tools.ingest", "--version"], "neurotrale-ingest"),
+        ([PYTHON, "-m", "neurotrale_twisted.tools.demo", "--version"], "neurotrale-demo"),
     ]:
         done = run(*command)
         assert (done.returncode, done.stdout) == (0, f"{name} {version}\n"), command
@@ -261,13 +261,16 @@ def test_neurotrale_serves_with_one_process_per_usable_cpu(
 @pytest.mark.parametrize(
     ("command", "named"),
     [
-        (["neurotrale_twisted.ingest", "--source", "x", "--dest", "y", "--bogus"], "--bogus"),
-        (["neurotrale_twisted.ingest", "--source", "x", "--dest", "y", "--jobs", "x"], "'x'"),
-        (["neurotrale_twisted.ingest", "--dest", "y"], "--source"),
-        (["neurotrale_twisted.demo"], "directory"),
-        (["neurotrale_twisted.demo", "DIR", "--compression", "foo"], "'foo'"),
-        (["neurotrale_twisted.demo", "DIR", "--name", "../elsewhere"], "--name '../elsewhere'"),
-        (["neurotrale_twisted.demo", "DIR", "--name", "a/b"], "--name 'a/b'"),
+        (["neurotrale_twisted.tools.ingest", "--source", "x", "--dest", "y", "--bogus"], "--bogus"),
+        (["neurotrale_twisted.tools.ingest", "--source", "x", "--dest", "y", "--jobs", "x"], "'x'"),
+        (["neurotrale_twisted.tools.ingest", "--dest", "y"], "--source"),
+        (["neurotrale_twisted.tools.demo"], "directory"),
+        (["neurotrale_twisted.tools.demo", "DIR", "--compression", "foo"], "'foo'"),
+        (
+            ["neurotrale_twisted.tools.demo", "DIR", "--name", "../elsewhere"],
+            "--name '../elsewhere'",
+        ),
+        (["neurotrale_twisted.tools.demo", "DIR", "--name", "a/b"], "--name 'a/b'"),
     ],
 )
 def test_ingest_and_demo_mistakes_are_one_line_and_status_2(
@@ -287,7 +290,7 @@ def test_ingest_and_demo_mistakes_are_one_line_and_status_2(
 def test_demo_into_a_directory_it_cannot_make_is_one_line_and_status_1(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     where = tmp_path / "a-file" / "demo"
-    done = run(PYTHON, "-m", "neurotrale_twisted.demo", str(where))
+    done = run(PYTHON, "-m", "neurotrale_twisted.tools.demo", str(where))
     assert done.returncode == 1, done
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from neurotrale_twisted import annotations as store_module
-from neurotrale_twisted import commitlog
-from neurotrale_twisted.errors import Unavailable
-from neurotrale_twisted.rootfs import temporary_name
+from neurotrale_twisted.core import annotations as store_module
+from neurotrale_twisted.core import commitlog
+from neurotrale_twisted.core.errors import Unavailable
+from neurotrale_twisted.core.rootfs import temporary_name
 
 from .test_annotations import Site, canonical, point
 

@@ -24,7 +24,7 @@ from typing import cast
 
 import pytest
 
-from neurotrale_twisted.connections import default_max_connections
+from neurotrale_twisted.web.connections import default_max_connections
 
 from .test_e2e import Twistd
 from .test_workers import children_of, self_signed, wait_for, worker_pid

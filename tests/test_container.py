@@ -306,7 +306,7 @@ def test_healthcheck_finds_the_server_under_an_init_process(tmp_path: Path) -> N
         7: b"/usr/local/bin/python\0/usr/local/bin/twistd\0--nodaemon\0--pidfile=\0"
         b"neurotrale\0--path\0/data\0--workers\0"
         b"2\0--listen\0tcp:9100\0",
-        9: b"/usr/local/bin/python\0-c\0from neurotrale_twisted import workers\0",
+        9: b"/usr/local/bin/python\0-c\0from neurotrale_twisted.process import workers\0",
     }
     for pid, command in commands.items():
         (tmp_path / str(pid)).mkdir()

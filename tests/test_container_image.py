@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neurotrale_twisted.demo import DEMO_SIZE, microscopy_volume, write_demo
+from neurotrale_twisted.tools.demo import DEMO_SIZE, microscopy_volume, write_demo
 
 from .support import raw_of
 from .test_systemd import free_port

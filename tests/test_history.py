@@ -18,7 +18,7 @@ import pytest_twisted
 import treq
 from twisted.internet.threads import deferToThread
 
-from neurotrale_twisted.history import CONTENT_SECURITY_POLICY, HISTORY_ASSETS
+from neurotrale_twisted.web.history import CONTENT_SECURITY_POLICY, HISTORY_ASSETS
 from tests.conftest import RunningServer
 from tests.support import header
 from tests.test_browser import in_browser, recorded, require_browser

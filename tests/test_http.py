@@ -17,8 +17,8 @@ import treq
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
-from neurotrale_twisted.encoding import encode_body
-from neurotrale_twisted.http import (
+from neurotrale_twisted.core.encoding import encode_body
+from neurotrale_twisted.web.site import (
     Unsatisfiable,
     choose_encoding,
     fold_slashes,

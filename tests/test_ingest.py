@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from neurotrale_twisted.ingest import (
+from neurotrale_twisted.tools.ingest import (
     SETTINGS_FILE,
     StripResult,
     build_parser,
@@ -421,7 +421,7 @@ def test_command_line_exit_status(sources: Path) -> None:
         ["--source", str(sources / "good"), "--dest", "x", "--resume", "--force"],
     ):
         done = subprocess.run(
-            [sys.executable, "-m", "neurotrale_twisted.ingest", *argv],
+            [sys.executable, "-m", "neurotrale_twisted.tools.ingest", *argv],
             capture_output=True,
             text=True,
             cwd=sources,

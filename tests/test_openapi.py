@@ -17,8 +17,8 @@ import treq
 from openapi_spec_validator import validate
 from twisted.internet.threads import deferToThread
 
-from neurotrale_twisted.openapi import ROUTES, SWAGGER_ASSETS, openapi_document, openapi_path
-from neurotrale_twisted.web import Neurotrale
+from neurotrale_twisted.web.app import Neurotrale
+from neurotrale_twisted.web.openapi import ROUTES, SWAGGER_ASSETS, openapi_document, openapi_path
 from tests.conftest import RunningServer
 
 REPOSITORY = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neurotrale_twisted.errors import BadRequest, DomainError, NotFound
-from neurotrale_twisted.paths import DataRoot, clean_segments
+from neurotrale_twisted.core.errors import BadRequest, DomainError, NotFound
+from neurotrale_twisted.core.paths import DataRoot, clean_segments
 
 
 def test_clean_segments_folds_empty_ones() -> None:

@@ -24,7 +24,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 
-from neurotrale_twisted.http import NeurotraleSite
+from neurotrale_twisted.web.site import NeurotraleSite
 from tests.conftest import RunningServer
 from tests.support import headers_of, raw_http, status_of, write_chunk, write_info
 from tests.test_security import snapshot

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from neurotrale_twisted.errors import NotFound
-from neurotrale_twisted.rootfs import Directory, OpenedFile, RootFS
+from neurotrale_twisted.core.errors import NotFound
+from neurotrale_twisted.core.rootfs import Directory, OpenedFile, RootFS
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import tifffile
 import treq
 from twisted.internet.threads import deferToThread
 
-from neurotrale_twisted.paths import DataRoot
-from neurotrale_twisted.service import clean_stale_temporaries
+from neurotrale_twisted.core.paths import DataRoot
+from neurotrale_twisted.process.service import clean_stale_temporaries
 from tests.conftest import RunningServer
 from tests.support import raw_http, write_chunk, write_info
 

@@ -10,8 +10,9 @@ from twisted.application import internet
 from twisted.internet import reactor
 from twisted.python import usage
 
-from neurotrale_twisted.cpus import usable_cpus
-from neurotrale_twisted.service import DEFAULT_LISTEN, Options, ThreadPoolService, makeService
+from neurotrale_twisted.core.cpus import usable_cpus
+from neurotrale_twisted.process.options import DEFAULT_LISTEN, Options
+from neurotrale_twisted.process.service import ThreadPoolService, makeService
 
 
 def parse(*args: str) -> Options:
@@ -103,8 +104,8 @@ def test_make_service_has_a_pool_and_one_listener_per_endpoint(tmp_path: Path) -
 
 
 def test_workers_and_trust_proxy(tmp_path: Path) -> None:
-    from neurotrale_twisted.serving import ServingSite, trusted_proxy_log_formatter
-    from neurotrale_twisted.workers import WorkerPool
+    from neurotrale_twisted.process.workers import WorkerPool
+    from neurotrale_twisted.web.serving import ServingSite, trusted_proxy_log_formatter
 
     options = parse("--path", str(tmp_path), "--workers", "4", "--trust-proxy")
     assert options["trust-proxy"]

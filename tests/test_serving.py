@@ -15,15 +15,15 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
-from neurotrale_twisted.http import HttpSettings
-from neurotrale_twisted.metrics import ServerMetrics, route_of
-from neurotrale_twisted.paths import DataRoot
-from neurotrale_twisted.serving import (
+from neurotrale_twisted.core.paths import DataRoot
+from neurotrale_twisted.web.app import Neurotrale
+from neurotrale_twisted.web.metrics import ServerMetrics, route_of
+from neurotrale_twisted.web.serving import (
     ServingSite,
     forwarded_client,
     trusted_proxy_log_formatter,
 )
-from neurotrale_twisted.web import Neurotrale
+from neurotrale_twisted.web.site import HttpSettings
 
 from .test_workers import metric
 

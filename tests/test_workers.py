@@ -368,7 +368,7 @@ def test_worker_log_lines_reach_the_parents_log_tagged() -> None:
     )
     from twisted.python.failure import Failure
 
-    from neurotrale_twisted.workers import WorkerProtocol
+    from neurotrale_twisted.process.workers import WorkerProtocol
 
     try:
         1 / 0  # noqa: B018
@@ -379,7 +379,7 @@ def test_worker_log_lines_reach_the_parents_log_tagged() -> None:
         "path": "brain1/1_1_1/0-64_0-64_0-64.tiff",
         "log_failure": failure,
         "log_level": LogLevel.error,
-        "log_namespace": "neurotrale_twisted.web",
+        "log_namespace": "neurotrale_twisted.web.app",
         "log_time": 1795000000.0,
     }
     seen: list[dict[str, Any]] = []
@@ -396,7 +396,7 @@ def test_worker_log_lines_reach_the_parents_log_tagged() -> None:
     mine = [e for e in seen if e.get("neurotrale_worker") == 2]
     text = [formatEventAsClassicLogText(e) or "" for e in mine]
     assert len(text) == 3
-    assert "[worker-2:4242 neurotrale_twisted.web#error] decoding brain1/1_1_1/" in text[0]
+    assert "[worker-2:4242 neurotrale_twisted.web.app#error] decoding brain1/1_1_1/" in text[0]
     assert "ZeroDivisionError" in text[0]  # the traceback came along
     assert "[worker-2:4242 stdout] not json" in text[1]
     assert "[worker-2:4242 stderr] Fatal Python error: Segmentation fault" in text[2]
@@ -483,7 +483,7 @@ class SharedEndpoint:
     description = "tcp:9000"
 
     def shared(self, fd: int) -> Any:
-        from neurotrale_twisted.adopted import SharedSocket
+        from neurotrale_twisted.process.adopted import SharedSocket
 
         return 42, SharedSocket(fd, "INET")
 
@@ -503,7 +503,7 @@ class CountingMetrics:
 def fake_pool(count: int = 2, arguments: tuple[str, ...] = ("--path", "/srv")) -> Any:
     from twisted.internet.task import Clock
 
-    from neurotrale_twisted.workers import WorkerPool
+    from neurotrale_twisted.process.workers import WorkerPool
 
     clock, processes, metrics = Clock(), FakeProcessReactor(), CountingMetrics()
     pool = WorkerPool(count, arguments, [SharedEndpoint()], metrics, processes, clock)
@@ -595,9 +595,10 @@ def test_a_worker_that_cannot_be_started_is_tried_again_and_stops_cleanly() -> N
 def test_a_worker_parses_the_parents_own_arguments_with_the_same_options(tmp_path: Path) -> None:
     from twisted.internet import reactor
 
-    from neurotrale_twisted.adopted import Inherited, SharedSocket
-    from neurotrale_twisted.service import Options, makeService
-    from neurotrale_twisted.workers import _WORKER_BOOT, WorkerPool
+    from neurotrale_twisted.process.adopted import Inherited, SharedSocket
+    from neurotrale_twisted.process.options import Options
+    from neurotrale_twisted.process.service import makeService
+    from neurotrale_twisted.process.workers import _WORKER_BOOT, WorkerPool
 
     arguments = ["--path", str(tmp_path), "--workers", "3", "--keep-versions", "5", "--read-only"]
     options = Options()
@@ -629,6 +630,6 @@ def test_the_pool_never_imports_the_service() -> None:
                 imported.add(("." * node.level) + (node.module or ""))
             elif isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
-        forbidden = {".service", ".worker", ".command", "neurotrale_twisted.service"}
+        forbidden = {".service", ".worker", ".command", "neurotrale_twisted.process.service"}
         assert not imported & forbidden, (name, imported & forbidden)
         assert "procmon" not in (package / name).read_text()

@@ -53,8 +53,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .connections import guard_port
-from .serving import ServingSite
+from neurotrale_twisted.web.connections import guard_port
+from neurotrale_twisted.web.serving import ServingSite
 
 #: The address families a shared socket may have, by the name :class:`SharedSocket` uses.
 FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}

@@ -17,10 +17,10 @@ import re
 from functools import cache
 from typing import Any
 
-from . import project_version
-from .chunks import CHUNK_PATTERN
-from .history import HISTORY_ASSETS
-from .protocol import MAX_VERSION_DIGITS
+from neurotrale_twisted import project_version
+from neurotrale_twisted.core.chunks import CHUNK_PATTERN
+from neurotrale_twisted.web.history import HISTORY_ASSETS
+from neurotrale_twisted.web.protocol import MAX_VERSION_DIGITS
 
 OPENAPI_VERSION = "3.0.3"
 

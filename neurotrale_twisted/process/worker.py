@@ -1,9 +1,9 @@
-"""One worker process of the pool (:mod:`neurotrale_twisted.workers`).
+"""One worker process of the pool (:mod:`neurotrale_twisted.process.workers`).
 
 It is started by the parent with the parent's import path, what it inherits (its index and
-its listening sockets, :class:`~neurotrale_twisted.adopted.Inherited`) and the parent's own
+its listening sockets, :class:`~neurotrale_twisted.process.adopted.Inherited`) and the parent's own
 command-line options, which it parses with the same
-:class:`~neurotrale_twisted.service.Options` (their checks and defaults included). It builds
+:class:`~neurotrale_twisted.process.options.Options` (their checks and defaults included). It builds
 the same application, serves on the inherited sockets, and logs JSON lines on its stdout for
 the parent to relay. It stops on SIGTERM, after answering the requests it is busy with, and
 when its stdin (a pipe from the parent) closes, so none outlives a killed parent.
@@ -22,8 +22,9 @@ from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorFro
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.python.failure import Failure
 
-from .adopted import Inherited
-from .service import Options, makeService
+from neurotrale_twisted.process.adopted import Inherited
+from neurotrale_twisted.process.options import Options
+from neurotrale_twisted.process.service import makeService
 
 log = Logger()
 

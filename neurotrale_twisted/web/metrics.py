@@ -28,7 +28,7 @@ from prometheus_client import (
     values,
 )
 
-from .chunks import CHUNK_PATTERN
+from neurotrale_twisted.core.chunks import CHUNK_PATTERN
 
 #: The environment variable that puts prometheus_client in multiprocess mode.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -21,9 +21,14 @@ from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from .body import BodyProducer
-from .connections import LogThrottle
-from .protocol import absolute_form, host_fault, method_fault, request_fault
+from neurotrale_twisted.web.body import BodyProducer
+from neurotrale_twisted.web.connections import LogThrottle
+from neurotrale_twisted.web.protocol import (
+    absolute_form,
+    host_fault,
+    method_fault,
+    request_fault,
+)
 
 log = Logger()
 
@@ -529,7 +534,7 @@ class NeurotraleSite(server.Site):
     ``settings.max_connections`` connections open, :meth:`admit` refuses a new one (the
     listening ports close it at once, see ``connections.guard_port``; the open ones are
     served as before), and the log says how many were refused once per
-    :data:`~neurotrale_twisted.connections.LOG_INTERVAL`, never once per refusal.
+    :data:`~neurotrale_twisted.web.connections.LOG_INTERVAL`, never once per refusal.
     """
 
     protocol = LimitedChannel  # type: ignore[assignment]

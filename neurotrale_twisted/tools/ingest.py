@@ -1,7 +1,7 @@
 """Turn a stack of TIFF planes into a dataset in the precomputed-tif layout the server reads.
 
 ``neurotrale-ingest --source 'planes/*.tif' --dest /data/brain1`` (or
-``python -m neurotrale_twisted.ingest ...``) reads the planes in natural sorted order
+``python -m neurotrale_twisted.tools.ingest ...``) reads the planes in natural sorted order
 (``z2.tif`` before ``z10.tif``; 2-D planes, or 3-D stacks whose pages are planes), and writes
 ``/data/brain1/info`` and one directory of ``x0-x1_y0-y1_z0-z1.tiff`` chunks per scale
 (``1_1_1``, ``2_2_2``, ``4_4_4``, ...), each scale half the size of the one before: the mean
@@ -47,10 +47,10 @@ import numpy as np
 import tifffile
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type hints
 
-from . import project_version
-from .arguments import ArgumentParser
-from .chunks import ChunkName
-from .cpus import usable_cpus
+from neurotrale_twisted import project_version
+from neurotrale_twisted.core.chunks import ChunkName
+from neurotrale_twisted.core.cpus import usable_cpus
+from neurotrale_twisted.tools.arguments import ArgumentParser
 
 Array = np.ndarray[Any, np.dtype[Any]]
 

@@ -1,12 +1,11 @@
 """The site as operations see it: metrics per request, the access log, a graceful stop.
 
-:class:`ServingSite` is :class:`~neurotrale_twisted.http.NeurotraleSite` plus what running it
-in production needs: every request is counted in :class:`~neurotrale_twisted.metrics.ServerMetrics`
-and tagged with the worker process that answered it (``X-Neurotrale-Worker``), the access log
-is in the combined format (with the client address a trusted proxy forwarded, when told to
-trust it), and :meth:`ServingSite.drain` lets the requests in flight finish before the
-process stops.
-"""
+:class:`ServingSite` is :class:`~neurotrale_twisted.web.site.NeurotraleSite` plus what running
+it in production needs: every request is counted in
+:class:`~neurotrale_twisted.web.metrics.ServerMetrics` and tagged with the worker process that
+answered it (``X-Neurotrale-Worker``), the access log is in the combined format (with the client
+address a trusted proxy forwarded, when told to trust it), and :meth:`ServingSite.drain` lets
+the requests in flight finish before the process stops."""
 
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from .http import HttpSettings, NeurotraleSite
-from .metrics import ServerMetrics, route_of
+from neurotrale_twisted.web.metrics import ServerMetrics, route_of
+from neurotrale_twisted.web.site import HttpSettings, NeurotraleSite
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """Domain errors raised by the core modules.
 
 The core (paths, chunks, annotations) knows nothing of HTTP; it raises these, and
-``neurotrale_twisted.http`` turns each into a status code and a JSON body
+``neurotrale_twisted.web.site`` turns each into a status code and a JSON body
 ``{"error": message, "status": code}``. Nothing else in the code writes error responses.
 """
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .errors import NotFound
-from .paths import DataRoot
-from .rootfs import Directory
+from neurotrale_twisted.core.errors import NotFound
+from neurotrale_twisted.core.paths import DataRoot
+from neurotrale_twisted.core.rootfs import Directory
 
 #: How deep below the root the index looks for datasets (``lab/2024/brain1`` is depth 3).
 MAX_DEPTH = 6

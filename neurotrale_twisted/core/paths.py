@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import BadRequest, NotFound
-from .rootfs import RootFS
+from neurotrale_twisted.core.errors import BadRequest, NotFound
+from neurotrale_twisted.core.rootfs import RootFS
 
 #: The longest single name most filesystems accept, in bytes.
 MAX_NAME_BYTES = 255

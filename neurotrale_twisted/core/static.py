@@ -13,8 +13,8 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import Forbidden
-from .rootfs import Directory, Follow, OpenedFile, RootFS
+from neurotrale_twisted.core.errors import Forbidden
+from neurotrale_twisted.core.rootfs import Directory, Follow, OpenedFile, RootFS
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -38,9 +39,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-from twisted.logger import Logger
-
-from .commitlog import (
+from neurotrale_twisted.core.commitlog import (
     MAX_ATTEMPTS,
     History,
     LostRace,
@@ -50,7 +49,7 @@ from .commitlog import (
     remove_old_temporaries,
     same_host_lock,
 )
-from .errors import (
+from neurotrale_twisted.core.errors import (
     BadRequest,
     Forbidden,
     NotFound,
@@ -59,10 +58,10 @@ from .errors import (
     StorageFull,
     Unavailable,
 )
-from .paths import DataRoot, clean_segments
-from .rootfs import Directory
+from neurotrale_twisted.core.paths import DataRoot, clean_segments
+from neurotrale_twisted.core.rootfs import Directory
 
-log = Logger()
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ANNOTATION_NAME",
@@ -893,11 +892,11 @@ class AnnotationStore:
         try:
             published = publish()
         except OSError as e:
-            log.warn(
-                "{file}: committed {n} but could not publish it yet: {e!r}",
-                file=history.block.child_path(history.name),
-                n=number,
-                e=e,
+            log.warning(
+                "%s: committed %d but could not publish it yet: %r",
+                history.block.child_path(history.name),
+                number,
+                e,
             )
             published = number
         history.after_commit(max(number, published))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import stat
@@ -25,10 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from twisted.logger import Logger
-
-from .errors import Forbidden, NotFound, ServerError
-from .rootfs import (
+from neurotrale_twisted.core.errors import Forbidden, NotFound, ServerError
+from neurotrale_twisted.core.rootfs import (
     TEMPORARY_PREFIX,
     Directory,
     Follow,
@@ -36,7 +35,7 @@ from .rootfs import (
     temporary_owner,
 )
 
-log = Logger()
+log = logging.getLogger(__name__)
 
 #: The directory of the replaced contents clients see, beside the files of a block.
 VERSIONS_DIR = ".versions"
@@ -187,7 +186,7 @@ def _lockf(fd: int) -> bool:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
         if time.monotonic() >= deadline:
-            log.warn("went on without the lock of a file after {s} s", s=LOCK_TIMEOUT)
+            log.warning("went on without the lock of a file after %s s", LOCK_TIMEOUT)
             return False
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
@@ -595,10 +594,10 @@ class History:
             self._link_versions(head)
             self._trim(head)
         except (OSError, ServerError, Forbidden) as e:
-            log.warn(
-                "{file}: versions not updated after a commit: {e}",
-                file=self.block.child_path(self.name),
-                e=e,
+            log.warning(
+                "%s: versions not updated after a commit: %s",
+                self.block.child_path(self.name),
+                e,
             )
 
     def _link_versions(self, head: int) -> None:

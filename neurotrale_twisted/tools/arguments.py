@@ -1,6 +1,6 @@
 """``argparse`` as the project's own commands (``neurotrale-ingest``, ``neurotrale-demo``)
 use it: a mistake on the command line is one line naming it, with exit status 2, not the
-whole usage first (the server's command, :mod:`neurotrale_twisted.command`, does the same
+whole usage first (the server's command, :mod:`neurotrale_twisted.process.command`, does the same
 for ``twistd``'s options)."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .rootfs import RootFS
+from neurotrale_twisted.core.rootfs import RootFS
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 ``twistd`` prints its whole usage before a mistake and says ``Usage: twistd [options]``;
 a busy port ends in a traceback. Here each of these is one line naming what is wrong,
 with exit status 2 for a mistake in the command (an unknown option, a bad value) and 1 for
-a data root or a port that cannot be served. The options and the service are
-:mod:`neurotrale_twisted.service`'s; the Twisted plugin (``twisted/plugins``) names this
+a data root or a port that cannot be served. The options are
+:mod:`neurotrale_twisted.process.options`'s, the service
+:mod:`neurotrale_twisted.process.service`'s; the Twisted plugin (``twisted/plugins``) names this
 module, so ``twistd neurotrale`` gets the same behaviour as ``neurotrale``.
 
 ``neurotrale ARGS`` (also ``python -m neurotrale_twisted ARGS``) is ``twistd --nodaemon
@@ -23,8 +24,9 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
-from . import service
-from .service import MAX_PORT, CannotServe
+from neurotrale_twisted.process import service
+from neurotrale_twisted.process.options import MAX_PORT, CannotServe
+from neurotrale_twisted.process.options import Options as ServerOptions
 
 #: How the command was invoked, for its messages ("neurotrale" when run by :func:`main`).
 PROGRAM = "twistd neurotrale"
@@ -45,7 +47,7 @@ def fail(message: str, status: int) -> NoReturn:
     raise SystemExit(status)
 
 
-class Options(service.Options):
+class Options(ServerOptions):
     """The server's options; a refusal is one line and an exit, not a page of usage."""
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
@@ -145,8 +147,8 @@ def _remove_own_pidfile(pidfile: str | None) -> None:
         pass
 
 
-def makeService(options: service.Options, reactor: IReactorCore | None = None) -> MultiService:
-    """:func:`neurotrale_twisted.service.makeService`, with one-line start-up failures.
+def makeService(options: ServerOptions, reactor: IReactorCore | None = None) -> MultiService:
+    """:func:`neurotrale_twisted.process.service.makeService`, with one-line start-up failures.
 
     twistd calls it with the options alone, once it has installed the reactor: that one is
     used unless ``reactor`` is given.

@@ -3,7 +3,7 @@
 The old service's Swagger page loaded its scripts from a CDN, which is a blank page on the
 closed lab networks these servers run on. Here every file comes from this host: Swagger UI's
 own files from the ``swagger-ui-bundle`` package, the page and its start-up script from this
-module, the OpenAPI document from :mod:`neurotrale_twisted.openapi`. The page's
+module, the OpenAPI document from :mod:`neurotrale_twisted.web.openapi`. The page's
 ``Content-Security-Policy`` tells the browser to load nothing from anywhere else.
 """
 
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from swagger_ui_bundle import swagger_ui_path
 from twisted.web.iweb import IRequest
 
-from . import history
-from .encoding import encode_body
-from .errors import NotFound
-from .http import add_vary, not_modified
-from .openapi import SWAGGER_ASSETS, openapi_json
+from neurotrale_twisted.core.encoding import encode_body
+from neurotrale_twisted.core.errors import NotFound
+from neurotrale_twisted.web import history
+from neurotrale_twisted.web.openapi import SWAGGER_ASSETS, openapi_json
+from neurotrale_twisted.web.site import add_vary, not_modified
 
 #: The page at ``/api/``. Paths are relative so that it works behind a proxy's path prefix.
 PAGE = b"""<!DOCTYPE html>

@@ -5,7 +5,7 @@ the version before it, shows any version's records, and puts a version back by a
 is built on the HTTP API alone: its script (``/api/history.js``) reads ``?versions`` and
 ``?version=N`` and restores with a ``PUT`` carrying ``If-Match`` of the content the page
 showed, so a concurrent edit is refused (412) rather than overwritten. The script and its
-style sheet are files of this package, served by :mod:`neurotrale_twisted.docs` under
+style sheet are files of this package, served by :mod:`neurotrale_twisted.web.docs` under
 ``/api/``; the page's Content-Security-Policy allows nothing else (no inline script, no
 other host), so it works on a closed network.
 
@@ -20,7 +20,7 @@ import os
 from importlib import resources
 from urllib.parse import quote
 
-from .annotations import ANNOTATION_NAME
+from neurotrale_twisted.core.annotations import ANNOTATION_NAME
 
 #: The page's files under ``/api/``, and their content types.
 HISTORY_ASSETS: dict[str, str] = {

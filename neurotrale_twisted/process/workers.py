@@ -2,11 +2,11 @@
 
 The parent opens every ``--listen`` endpoint (``tcp:``, ``unix:``, ``ssl:``, ``systemd:``;
 :func:`listen`), and :class:`WorkerPool` starts N-1 worker processes
-(:mod:`neurotrale_twisted.worker`) with ``spawnProcess``, the listening sockets as their file
-descriptors 3, 4, ... (``childFDs``). A worker parses the parent's own command-line arguments
-with the same :class:`~neurotrale_twisted.service.Options`, builds the same application (its
-own reactor, thread pool and decoder) and adopts the sockets
-(:mod:`neurotrale_twisted.adopted`); the kernel hands each new connection to one of the
+(:mod:`neurotrale_twisted.process.worker`) with ``spawnProcess``, the listening sockets as their
+file descriptors 3, 4, ... (``childFDs``). A worker parses the parent's own command-line
+arguments with the same :class:`~neurotrale_twisted.process.options.Options`, builds the same
+application (its own reactor, thread pool and decoder) and adopts the sockets
+(:mod:`neurotrale_twisted.process.adopted`); the kernel hands each new connection to one of the
 processes waiting on the socket, so every core serves.
 
 The supervision is the pool's own, on ``callLater``: a worker that dies is started again, at
@@ -50,10 +50,10 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .adopted import Inherited, SharedSocket
-from .connections import guard_port
-from .metrics import MULTIPROCESS_ENV, ServerMetrics
-from .serving import ServingSite
+from neurotrale_twisted.process.adopted import Inherited, SharedSocket
+from neurotrale_twisted.web.connections import guard_port
+from neurotrale_twisted.web.metrics import MULTIPROCESS_ENV, ServerMetrics
+from neurotrale_twisted.web.serving import ServingSite
 
 log = Logger()
 
@@ -163,7 +163,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
                 "log_format": "{line}",
                 "line": text,
                 "log_level": None,
-                "log_namespace": "neurotrale_twisted.workers",
+                "log_namespace": "neurotrale_twisted.process.workers",
                 "log_time": self.pool.clock.seconds(),
                 "log_system": "stderr" if childFD == 2 else "stdout",
             }
@@ -373,12 +373,13 @@ class WorkerPool(service.Service):
 
 
 #: How a worker process starts: with the parent's import path, then
-#: :func:`neurotrale_twisted.worker.main`. Not ``python -m``, which puts the working directory
+#: :func:`neurotrale_twisted.process.worker.main`.
+#: Not ``python -m``, which puts the working directory
 #: first on the path, so that a directory named ``neurotrale_twisted`` there (the data root, a
 #: source tree, anything someone could write) would be the code the workers run.
 _WORKER_BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from neurotrale_twisted.worker import main; main(sys.argv[2:])"
+    "from neurotrale_twisted.process.worker import main; main(sys.argv[2:])"
 )
 
 

@@ -30,14 +30,20 @@ from twisted.web.util import redirectTo
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from . import docs, history
-from .annotations import AnnotationStore
-from .auth import WritePolicy, make_portal
-from .chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
-from .datasets import find_datasets
-from .errors import BadRequest, DomainError, MethodNotAllowed, NotFound
-from .health import Health, check_data_root
-from .http import (
+from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
+from neurotrale_twisted.core.datasets import find_datasets
+from neurotrale_twisted.core.errors import BadRequest, DomainError, MethodNotAllowed, NotFound
+from neurotrale_twisted.core.health import Health, check_data_root
+from neurotrale_twisted.core.paths import DataRoot, clean_segments
+from neurotrale_twisted.core.rootfs import OpenedFile
+from neurotrale_twisted.core.static import Listing, find_static
+from neurotrale_twisted.web import docs, history
+from neurotrale_twisted.web.auth import WritePolicy, make_portal
+from neurotrale_twisted.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from neurotrale_twisted.web.metrics import ServerMetrics
+from neurotrale_twisted.web.protocol import MAX_VERSION_DIGITS
+from neurotrale_twisted.web.site import (
     BodyResource,
     CorsPolicy,
     JsonErrorResource,
@@ -51,12 +57,6 @@ from .http import (
     not_modified,
     single_range,
 )
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import ServerMetrics
-from .paths import DataRoot, clean_segments
-from .protocol import MAX_VERSION_DIGITS
-from .rootfs import OpenedFile
-from .static import Listing, find_static
 
 log = Logger()
 P = ParamSpec("P")

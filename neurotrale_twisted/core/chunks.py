@@ -25,11 +25,11 @@ from typing import IO, Any, BinaryIO, Protocol, cast
 import numpy as np
 import tifffile
 
-from .cache import LruCache
-from .encoding import encode_body
-from .errors import Forbidden, NotFound, ServerError
-from .paths import DataRoot
-from .rootfs import Directory, Follow, OpenedFile
+from neurotrale_twisted.core.cache import LruCache
+from neurotrale_twisted.core.encoding import encode_body
+from neurotrale_twisted.core.errors import Forbidden, NotFound, ServerError
+from neurotrale_twisted.core.paths import DataRoot
+from neurotrale_twisted.core.rootfs import Directory, Follow, OpenedFile
 
 #: A chunk name. ASCII digits only: ``\d`` would match other scripts' digits, which ``int``
 #: reads as the same number, so ``\u0660-64_...`` would be an alias of ``0-64_...``.

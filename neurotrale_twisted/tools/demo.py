@@ -1,10 +1,9 @@
 """Write a small microscopy-like dataset in the precomputed-tif layout, to serve and explore.
 
-``neurotrale-demo DIR`` (or ``python -m neurotrale_twisted.demo DIR``) writes ``DIR/demo-brain``:
-an ``info`` with three scales, ``x0-x1_y0-y1_z0-z1.tiff`` chunks with truncated edge chunks,
-and an ``annotations/`` folder with ``block_info.csv``, ``fibers.json``, ``centroids.json``
-and a few ``z-NNNN.json`` slices in the NeuroTrALE record format.
-"""
+``neurotrale-demo DIR`` (or ``python -m neurotrale_twisted.tools.demo DIR``) writes
+``DIR/demo-brain``: an ``info`` with three scales, ``x0-x1_y0-y1_z0-z1.tiff`` chunks with
+truncated edge chunks, and an ``annotations/`` folder with ``block_info.csv``, ``fibers.json``,
+``centroids.json`` and a few ``z-NNNN.json`` slices in the NeuroTrALE record format."""
 
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from . import project_version
-from .arguments import EXIT_USAGE, ArgumentParser
+from neurotrale_twisted import project_version
+from neurotrale_twisted.tools.arguments import EXIT_USAGE, ArgumentParser
 
 #: Writes one annotation file's records (the demo's own writer, or the server's store).
 AnnotationWriter = Callable[[Path, list[dict[str, object]]], None]
@@ -179,8 +178,8 @@ def _write_new_json(path: Path, records: list[dict[str, object]]) -> None:
 def store_writer(directory: Path) -> AnnotationWriter:
     """A writer that saves annotation files through the server's store (a ``PUT``): the
     content a file had is kept as a version, as for any write; an unchanged file makes none."""
-    from .annotations import AnnotationStore
-    from .paths import DataRoot
+    from neurotrale_twisted.core.annotations import AnnotationStore
+    from neurotrale_twisted.core.paths import DataRoot
 
     store = AnnotationStore(DataRoot(directory))
 
