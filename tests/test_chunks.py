@@ -15,19 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neurotrale_twisted.core.cache import LruCache
-from neurotrale_twisted.core.chunks import (
-    ChunkName,
-    ChunkSource,
-    InfoCache,
-    RawLayout,
-    ScaleFormat,
-    decode_tiff,
-    read_layout,
-    scale_format,
-)
+from neurotrale_twisted.core.chunks.info import InfoCache, ScaleFormat, scale_format
+from neurotrale_twisted.core.chunks.names import ChunkName
+from neurotrale_twisted.core.chunks.source import ChunkSource
+from neurotrale_twisted.core.chunks.tiff import RawLayout, decode_tiff, read_layout
 from neurotrale_twisted.core.errors import NotFound, ServerError
+from neurotrale_twisted.core.imagery import RootImagery
 from neurotrale_twisted.core.paths import DataRoot
-from neurotrale_twisted.core.rootfs import RootFS
 from tests.support import raw_of, write_chunk, write_info
 
 
@@ -181,10 +175,10 @@ def test_missing_things_are_not_found(tmp_path: Path) -> None:
 def test_info_is_reread_when_it_changes(tmp_path: Path) -> None:
     cache = InfoCache()
     write_info(tmp_path, (8, 8, 2), dtype="uint16")
-    with RootFS(tmp_path).root() as directory:
-        assert cache.read(directory)["data_type"] == "uint16"
+    with RootImagery(DataRoot(tmp_path)).open_dataset([]) as dataset:
+        assert cache.read(dataset)[0]["data_type"] == "uint16"
         write_info(tmp_path, (8, 8, 2), dtype="uint8")  # different size: always seen
-        assert cache.read(directory)["data_type"] == "uint8"
+        assert cache.read(dataset)[0]["data_type"] == "uint8"
 
 
 def test_client_with_current_etag_skips_decoding(tmp_path: Path) -> None:

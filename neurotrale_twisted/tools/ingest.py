@@ -48,7 +48,7 @@ import tifffile
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type hints
 
 from neurotrale_twisted import project_version
-from neurotrale_twisted.core.chunks import ChunkName
+from neurotrale_twisted.core.chunks.names import ChunkName
 from neurotrale_twisted.core.cpus import usable_cpus
 from neurotrale_twisted.tools.arguments import ArgumentParser
 

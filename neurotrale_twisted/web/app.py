@@ -31,10 +31,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from neurotrale_twisted.core.annotations import AnnotationStore
-from neurotrale_twisted.core.chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
+from neurotrale_twisted.core.chunks.names import CHUNK_PATTERN, ChunkName
+from neurotrale_twisted.core.chunks.source import ChunkSource
 from neurotrale_twisted.core.datasets import find_datasets
 from neurotrale_twisted.core.errors import BadRequest, DomainError, MethodNotAllowed, NotFound
 from neurotrale_twisted.core.health import Health, check_data_root
+from neurotrale_twisted.core.identity import file_etag
 from neurotrale_twisted.core.paths import DataRoot, clean_segments
 from neurotrale_twisted.core.rootfs import OpenedFile
 from neurotrale_twisted.core.static import Listing, find_static

@@ -7,7 +7,7 @@ over every process that ever served (totals survive a worker's restart), the in-
 over the live ones.
 
 Pure Python, no Twisted: the HTTP layer calls :meth:`ServerMetrics.request_finished`, and
-the chunk source (``chunks.ChunkSource``, whose ``ChunkObserver`` this is)
+the chunk source (``chunks.source.ChunkSource``, whose ``ChunkObserver`` this is)
 :meth:`ServerMetrics.chunk_decoded` and :meth:`ServerMetrics.chunk_cache`.
 """
 
@@ -28,7 +28,7 @@ from prometheus_client import (
     values,
 )
 
-from neurotrale_twisted.core.chunks import CHUNK_PATTERN
+from neurotrale_twisted.core.chunks.names import CHUNK_PATTERN
 
 #: The environment variable that puts prometheus_client in multiprocess mode.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

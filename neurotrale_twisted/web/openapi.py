@@ -18,7 +18,7 @@ from functools import cache
 from typing import Any
 
 from neurotrale_twisted import project_version
-from neurotrale_twisted.core.chunks import CHUNK_PATTERN
+from neurotrale_twisted.core.chunks.names import CHUNK_PATTERN
 from neurotrale_twisted.web.history import HISTORY_ASSETS
 from neurotrale_twisted.web.protocol import MAX_VERSION_DIGITS
 

@@ -1,0 +1,167 @@
+"""The chunk source: finds, decodes, compresses and caches the chunks of a store of imagery.
+
+A chunk ``x0-x1_y0-y1_z0-z1`` of scale ``key`` is the file of that name (``.tiff`` or ``.tif``)
+in the scale's directory of the dataset. Clients want its voxels as little-endian bytes, x
+fastest, then y, z and channel; the body must be exactly ``(x1-x0)*(y1-y0)*(z1-z0)*num_channels
+*itemsize`` bytes. Files are read through :class:`~neurotrale_twisted.core.imagery.Imagery`
+alone. Pure Python: no Twisted here; the web layer runs :meth:`ChunkSource.respond` on a
+thread pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Protocol
+
+from neurotrale_twisted.core.cache import LruCache
+from neurotrale_twisted.core.chunks.info import InfoCache, ScaleFormat, scale_format
+from neurotrale_twisted.core.chunks.names import ChunkName
+from neurotrale_twisted.core.chunks.tiff import RawLayout, decode_tiff, read_layout
+from neurotrale_twisted.core.encoding import encode_body
+from neurotrale_twisted.core.errors import ServerError
+from neurotrale_twisted.core.imagery import ImageFile, Imagery, RootImagery
+from neurotrale_twisted.core.paths import DataRoot
+
+
+@dataclass(frozen=True)
+class ChunkResponse:
+    """A chunk ready to send: the body in ``coding`` (None: identity), or no body at all
+    when the client already holds this representation (the web layer answers 304)."""
+
+    body: bytes | None
+    coding: str | None
+    etag: str
+    modified: float
+
+
+def tagged(etag: str, coding: str | None) -> str:
+    """The ETag of the ``coding`` representation of a body whose identity ETag is ``etag``."""
+    return etag if coding is None else f"{etag[:-1]}-{coding}{etag[-1]}"
+
+
+class ChunkObserver(Protocol):
+    """Told about chunk reads, for the metrics (``metrics.ServerMetrics`` is one)."""
+
+    def chunk_decoded(self, seconds: float) -> None:
+        """A chunk's file was read and decoded into raw bytes in ``seconds``."""
+
+    def chunk_cache(self, hit: bool) -> None:
+        """An answer was looked up in the response cache: found (True) or not."""
+
+
+class ChunkSource:
+    """Finds, decodes, compresses and caches the chunks of the datasets of one store.
+
+    Uncompressed TIFFs whose voxels already lie in the file in the raw encoding's order are
+    answered with one read of that byte range (the TIFF header is parsed once per file
+    version); the rest are decoded with tifffile. Encoded answers are kept in a bounded
+    :class:`LruCache` keyed by the file's identity (its version) and the coding, so an edited
+    file is never served stale.
+    """
+
+    def __init__(
+        self,
+        store: DataRoot | Imagery,
+        cache_bytes: int = 32 * 1024 * 1024,
+        observer: ChunkObserver | None = None,
+    ) -> None:
+        self.imagery: Imagery = RootImagery(store) if isinstance(store, DataRoot) else store
+        self.observer = observer
+        self.infos = InfoCache()
+        self.responses: LruCache[tuple[bytes, str | None]] = LruCache(
+            cache_bytes, lambda entry: len(entry[0]) + 200
+        )
+        self.layouts: LruCache[tuple[RawLayout | None]] = LruCache(16384)
+
+    def respond(
+        self,
+        dataset: list[str],
+        key: str,
+        name: ChunkName,
+        coding: str | None = None,
+        client_has: Callable[[str], bool] | None = None,
+    ) -> ChunkResponse:
+        """Chunk ``name`` of scale ``key`` of the dataset that the validated path segments
+        ``dataset`` name, in ``coding`` when that makes it smaller.
+
+        ``client_has`` is asked about the ETags of the file's current representations; when it
+        holds one, the answer has no body. Raises :class:`NotFound` for a missing dataset,
+        scale or chunk, :class:`Forbidden` for one the server may not read, and
+        :class:`ServerError` for a file that does not fit ``info``.
+        """
+        opened = self.imagery.open_dataset(dataset)
+        try:
+            info, label = self.infos.read(opened)
+            fmt = scale_format(info, key, label)
+            file = opened.open_chunk(key, name.stem)
+        finally:
+            opened.close()
+        try:
+            return self._respond(file, name, fmt, coding, client_has)
+        finally:
+            file.close()
+
+    def _respond(
+        self,
+        file: ImageFile,
+        name: ChunkName,
+        fmt: ScaleFormat,
+        coding: str | None,
+        client_has: Callable[[str], bool] | None,
+    ) -> ChunkResponse:
+        """:meth:`respond` for the chunk's open file."""
+        etag = file.etag
+        if client_has is not None:
+            for held in (tagged(etag, coding), etag):
+                if client_has(held):
+                    return ChunkResponse(None, None, held, file.modified)
+        # What the body depends on: the file's version, and what the name and info ask of it.
+        version: tuple[Hashable, ...] = (
+            file.identity,
+            name.stem,
+            fmt.dtype.str,
+            fmt.num_channels,
+        )
+        cached = self.responses.get((*version, coding))
+        if self.observer is not None:
+            self.observer.chunk_cache(hit=cached is not None)
+        if cached is None:
+            raw = self.responses.get((*version, None)) if coding is not None else None
+            raw_body = raw[0] if raw is not None else self._timed_raw(file, name, fmt)
+            if raw is None and coding is not None:
+                self.responses.put((*version, None), (raw_body, None))
+            cached = encode_body(raw_body, coding)
+            self.responses.put((*version, coding), cached)
+        body, used = cached
+        return ChunkResponse(body, used, tagged(etag, used), file.modified)
+
+    def _timed_raw(self, file: ImageFile, name: ChunkName, fmt: ScaleFormat) -> bytes:
+        """:meth:`_raw`, its duration told to the observer."""
+        started = time.perf_counter()
+        raw = self._raw(file, name, fmt)
+        if self.observer is not None:
+            self.observer.chunk_decoded(time.perf_counter() - started)
+        return raw
+
+    def _raw(self, file: ImageFile, name: ChunkName, fmt: ScaleFormat) -> bytes:
+        """The chunk's raw bytes: one read of a byte range when the file allows, else decoding."""
+        entry = self.layouts.get(file.identity)
+        if entry is None:
+            entry = (read_layout(file.stream(), file.label),)
+            self.layouts.put(file.identity, entry)
+        layout = entry[0]
+        z, y, x = name.shape
+        if (
+            layout is not None
+            and fmt.num_channels == 1
+            and layout.dtype == fmt.dtype.newbyteorder("<")
+            and layout.nbytes == z * y * x * layout.dtype.itemsize
+            and layout.shape[-2:] == (y, x)
+        ):
+            data = file.read_range(layout.offset, layout.nbytes)
+            if len(data) != layout.nbytes:
+                raise ServerError(f"{file.label}: truncated: {len(data)} of {layout.nbytes} bytes")
+            return data
+        return decode_tiff(file.stream(), name, fmt, file.label)
