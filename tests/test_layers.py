@@ -10,7 +10,10 @@ fresh interpreter, failing on any Twisted, Klein or werkzeug module that got loa
 from __future__ import annotations
 
 import ast
+import configparser
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +166,47 @@ def test_importing_a_layer_loads_no_twisted_klein_or_werkzeug(layer: str) -> Non
         cwd=PACKAGE.parent,
     )
     assert json.loads(result.stdout) == []
+
+
+def declared_requirements() -> set[str]:
+    """The distributions ``setup.cfg`` says the package needs, by normalized name."""
+    parser = configparser.ConfigParser()
+    parser.read(PACKAGE.parent / "setup.cfg")
+    names = set()
+    for line in parser["options"]["install_requires"].splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            names.add(canonical(re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0]))
+    return names
+
+
+def canonical(name: str) -> str:
+    """A distribution name as packaging compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_package_imported_is_declared() -> None:
+    """A third-party package the code imports must be named in ``setup.cfg``, not arrive by
+    chance with another one (werkzeug with Klein, zope.interface with Twisted)."""
+    if not (PACKAGE.parent / "setup.cfg").is_file():
+        pytest.skip("not run from a source tree")
+    declared = declared_requirements()
+    distributions = importlib.metadata.packages_distributions()
+    imported = (
+        {
+            module.split(".")[0]
+            for name, path in modules().items()
+            for module in imports_of(name, path)
+            if module and not module.startswith(NAME)
+        }
+        - set(sys.stdlib_module_names)
+        - {"__future__"}
+    )
+    undeclared = sorted(
+        top
+        for top in imported
+        if not {canonical(d) for d in distributions.get(top, [])} & declared
+        # A namespace package (zope) is declared through the distribution imported from it.
+        and not any(name.startswith(f"{canonical(top)}-") for name in declared)
+    )
+    assert imported and undeclared == []
