@@ -33,14 +33,17 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import cast
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import fdesc, tcp, unix
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, execute
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
     IListeningPort,
     IOpenSSLContextFactory,
     IProtocolFactory,
@@ -100,15 +103,18 @@ class Inherited:
 class _NotListening:
     """What the stand-in reactor of :func:`tls_context` returns: a port that never opened."""
 
+    def __init__(self, address: IAddress) -> None:
+        self.address = address
+
     def startListening(self) -> None:
         """Nothing to open."""
 
     def stopListening(self) -> None:
         """Nothing to close."""
 
-    def getHost(self) -> Any:
-        """No address: nothing listens."""
-        return None
+    def getHost(self) -> IAddress:
+        """The address it would have listened on."""
+        return self.address
 
 
 @implementer(IReactorSSL)
@@ -128,9 +134,9 @@ class _ContextCatcher:
     ) -> IListeningPort:
         """Keep ``contextFactory``; open nothing."""
         self.context = contextFactory
-        return _NotListening()
+        return _NotListening(IPv4Address("TCP", interface or "0.0.0.0", port))
 
-    def connectSSL(self, *args: object, **kwargs: object) -> Any:
+    def connectSSL(self, *args: object, **kwargs: object) -> IConnector:
         """Never used: only server descriptions are parsed here."""
         raise NotImplementedError("only listenSSL is caught")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn, cast
+from typing import NoReturn, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
@@ -106,7 +106,7 @@ class _Startup(MultiService):
     exits without saying so.
     """
 
-    def __init__(self, twistd: Any, listen: list[str]) -> None:
+    def __init__(self, twistd: usage.Options | None, listen: list[str]) -> None:
         super().__init__()
         self.twistd = twistd
         self.listen = listen
@@ -125,8 +125,7 @@ class _Startup(MultiService):
     def refuse(self, message: str) -> NoReturn:
         """Say ``message`` and exit 1; as a daemon, through the pipe twistd waits on."""
         twistd = self.twistd
-        pipe = twistd.get("statusPipe") if twistd is not None else None
-        if pipe is not None:
+        if twistd is not None and (pipe := twistd.get("statusPipe")) is not None:
             # twistd's waiting process prints what follows "1 " (at most 98 bytes), exits 1.
             os.write(pipe, b"1 " + message.encode()[:98])
             os.close(pipe)

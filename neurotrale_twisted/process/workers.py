@@ -30,7 +30,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
@@ -46,7 +46,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamServerEndpoint,
 )
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import LogEvent, Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -152,7 +152,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
         if not line.strip():
             return
         text = line.decode("utf-8", "replace")
-        event: dict[str, Any] | None = None
+        event: LogEvent | None = None
         if childFD == 1:
             try:
                 event = eventFromJSON(text)
