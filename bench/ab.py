@@ -49,7 +49,7 @@ def main() -> None:
         tmp = Path(name)
         tmp.chmod(0o755)
         data = tmp / "data"
-        paths = write_dataset(data, "raw", make_volume((512, 512, 256)), 64, None)
+        paths = write_dataset(data, "raw", make_volume((512, 512, 256)), 64, "none")
         urls = tmp / "urls"
         urls.write_text("\n".join(paths if args.cold else view_blocks(paths, (8, 8, 4))[0]))
         ports = {"nginx": free_port(), "A": free_port(), "B": free_port()}

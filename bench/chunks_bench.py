@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurotrale_twisted.tools.demo import write_scale
+from neurotrale_twisted.tools.ingest.pyramid import write_volume
 
 HERE = Path(__file__).resolve().parent
 BROWSER = "gzip, deflate, br, zstd"
@@ -51,31 +51,12 @@ def make_volume(size: tuple[int, int, int], seed: int = 1) -> np.ndarray:  # typ
 
 
 def write_dataset(
-    root: Path, name: str, volume: np.ndarray, chunk: int, compression: str | None
+    root: Path, name: str, volume: np.ndarray, chunk: int, compression: str
 ) -> list[str]:  # type: ignore[type-arg]
-    """Write one precomputed-tif dataset; return its chunk URL paths."""
-    import json
-
-    z, y, x = volume.shape
+    """Write one precomputed-tif dataset of one scale; return its chunk URL paths."""
+    write_volume(root / name, volume, 1, (chunk, chunk, chunk), (1.8, 1.8, 2.0), compression)
     directory = root / name / "1_1_1"
-    write_scale(directory, volume, compression, (chunk, chunk, chunk))
     urls = sorted(f"/{name}/1_1_1/{path.stem}" for path in directory.glob("*.tiff"))
-    info = {
-        "data_type": "uint16",
-        "num_channels": 1,
-        "type": "image",
-        "scales": [
-            {
-                "key": "1_1_1",
-                "size": [x, y, z],
-                "chunk_sizes": [[chunk] * 3],
-                "encoding": "raw",
-                "resolution": [1800, 1800, 2000],
-                "voxel_offset": [0, 0, 0],
-            }
-        ],
-    }
-    (root / name / "info").write_text(json.dumps(info))
     return urls
 
 
@@ -237,7 +218,7 @@ def main() -> None:
         data = tmp / "data"
         volume = make_volume(size)  # type: ignore[arg-type]
         urls = {
-            "raw": write_dataset(data, "raw", volume, args.chunk, None),
+            "raw": write_dataset(data, "raw", volume, args.chunk, "none"),
             "zlib": write_dataset(data, "zlib", volume, args.chunk, "zlib"),
         }
         raw_bytes = sum(f.stat().st_size for f in (data / "raw").rglob("*.tiff"))

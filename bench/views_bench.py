@@ -546,7 +546,7 @@ def inside(args: argparse.Namespace) -> None:
         tmp = Path(tmp_name)
         tmp.chmod(0o755)  # nginx's workers run as another user
         data = tmp / "data"
-        paths = write_dataset(data, "raw", make_volume(size), chunk, None)
+        paths = write_dataset(data, "raw", make_volume(size), chunk, "none")
         blocks = view_blocks(paths, grid)
         url_files = {"cold": tmp / "cold.urls", "warm": tmp / "warm.urls"}
         url_files["cold"].write_text("\n".join(paths) + "\n")

@@ -19,17 +19,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from neurotrale_twisted.tools.ingest import (
-    SETTINGS_FILE,
-    StripResult,
-    build_parser,
-    default_levels,
-    downsample_mean,
-    downsample_mode,
-    ingest,
-    main,
-    prepare,
-)
+from neurotrale_twisted.tools.ingest.chunkfiles import StripResult
+from neurotrale_twisted.tools.ingest.cli import build_parser, main
+from neurotrale_twisted.tools.ingest.downsample import downsample_mean, downsample_mode
+from neurotrale_twisted.tools.ingest.layout import default_levels
+from neurotrale_twisted.tools.ingest.run import ingest
+from neurotrale_twisted.tools.ingest.settings import SETTINGS_FILE, prepare
 from tests.test_e2e import Twistd
 
 IMAGE_SIZE = (150, 97, 70)  # x, y, z: no dimension a multiple of the chunk size

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 from neurotrale_twisted import project_version
 from neurotrale_twisted.tools.arguments import EXIT_USAGE, ArgumentParser
+from neurotrale_twisted.tools.atomic import atomic_file
+from neurotrale_twisted.tools.ingest.chunkfiles import COMPRESSIONS
+from neurotrale_twisted.tools.ingest.pyramid import write_volume
 
 #: Writes one annotation file's records (the demo's own writer, or the server's store).
 AnnotationWriter = Callable[[Path, list[dict[str, object]]], None]
@@ -30,8 +32,9 @@ EXIT_FAILED = 1
 #: The demo volume's size in voxels (x, y, z): deliberately not a multiple of the chunk size.
 DEMO_SIZE = (200, 176, 72)
 CHUNK = (64, 64, 32)
-#: Voxel size in nanometres, as precomputed-tif writes it (1.8 x 1.8 x 2.0 µm).
-RESOLUTION = (1800, 1800, 2000)
+#: Voxel size in micrometres (``info`` gives it in nanometres: 1800, 1800, 2000).
+VOXEL_SIZE = (1.8, 1.8, 2.0)
+LEVELS = 3
 BLOCK = (100, 88, 36)
 
 
@@ -64,39 +67,6 @@ def microscopy_volume(size: tuple[int, int, int], seed: int = 7) -> np.ndarray:
     return clipped
 
 
-def downsample(volume: np.ndarray) -> np.ndarray:
-    """Halve a (z, y, x) volume by the mean of 2x2x2 blocks (edges padded by repetition)."""
-    pad = [(0, s % 2) for s in volume.shape]
-    padded = np.pad(volume, pad, mode="edge").astype(np.float32)
-    z, y, x = padded.shape
-    blocks = padded.reshape(z // 2, 2, y // 2, 2, x // 2, 2)
-    halved: np.ndarray = blocks.mean(axis=(1, 3, 5)).round().astype(volume.dtype)
-    return halved
-
-
-def write_scale(
-    directory: Path,
-    volume: np.ndarray,
-    compression: str | None,
-    chunk: tuple[int, int, int] = CHUNK,
-) -> None:
-    """Write one scale's chunks of ``chunk`` (x, y, z) voxels as ``x0-x1_y0-y1_z0-z1.tiff``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    z, y, x = volume.shape
-    cx, cy, cz = chunk
-    for z0 in range(0, z, cz):
-        for y0 in range(0, y, cy):
-            for x0 in range(0, x, cx):
-                x1, y1, z1 = min(x0 + cx, x), min(y0 + cy, y), min(z0 + cz, z)
-                name = f"{x0}-{x1}_{y0}-{y1}_{z0}-{z1}.tiff"
-                tifffile.imwrite(
-                    directory / name,
-                    volume[z0:z1, y0:y1, x0:x1],
-                    photometric="minisblack",
-                    compression=compression,
-                )
-
-
 def record_id(*parts: object) -> str:
     """A 40-hex-digit id like the viewer's."""
     return hashlib.sha1(repr(parts).encode()).hexdigest()
@@ -113,7 +83,8 @@ def write_annotations(
     _write_json = write_json or _write_new_json
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "block_info.csv").write_text("{},{},{}\n".format(*BLOCK))
+    with atomic_file(directory / "block_info.csv") as file:
+        file.write("{},{},{}\n".format(*BLOCK).encode())
     block = directory / "x0y0z0"
     block.mkdir(exist_ok=True)
     fibers = []
@@ -172,7 +143,9 @@ def write_annotations(
 
 
 def _write_new_json(path: Path, records: list[dict[str, object]]) -> None:
-    path.write_text(json.dumps(records, separators=(",", ":")))
+    """Write an annotation file's records as compact JSON (the default :data:`AnnotationWriter`)."""
+    with atomic_file(path) as file:
+        file.write(json.dumps(records, separators=(",", ":")).encode())
 
 
 def store_writer(directory: Path) -> AnnotationWriter:
@@ -192,39 +165,19 @@ def store_writer(directory: Path) -> AnnotationWriter:
 def write_demo(
     directory: Path,
     name: str = "demo-brain",
-    compression: str | None = None,
+    compression: str = "none",
     write_json: AnnotationWriter | None = None,
 ) -> Path:
     """Write the demo dataset under ``directory``; return its path. Annotation files go
     through ``write_json`` (default: written as is; :func:`store_writer` keeps versions)."""
     dataset = directory / name
-    dataset.mkdir(parents=True, exist_ok=True)
-    volume = microscopy_volume(DEMO_SIZE)
-    scales = []
-    for level in range(3):
-        factor = 2**level
-        key = f"{factor}_{factor}_{factor}"
-        z, y, x = volume.shape
-        write_scale(dataset / key, volume, compression)
-        scales.append(
-            {
-                "chunk_sizes": [list(CHUNK)],
-                "encoding": "raw",
-                "key": key,
-                "resolution": [r * factor for r in RESOLUTION],
-                "size": [x, y, z],
-                "voxel_offset": [0, 0, 0],
-            }
-        )
-        volume = downsample(volume)
-    info = {
-        "data_type": "uint16",
-        "mesh": "mesh",
-        "num_channels": 1,
-        "scales": scales,
-        "type": "image",
-    }
-    (dataset / "info").write_text(json.dumps(info, indent=2))
+    # The image pyramid is what neurotrale-ingest writes of this volume: the same info, chunk
+    # files and downsampler (the 2x2x2 block mean rounded half up; a block at an odd edge is
+    # averaged over the voxels it holds, as the demo's own did). The demo's own rounded halves
+    # to even (numpy's round), so a voxel of 2_2_2 whose block mean is k + 0.5 with k even is
+    # now k + 1, not k, and 4_4_4 follows from 2_2_2; 1_1_1 is unchanged, and every scale
+    # the demo writes has even sizes.
+    write_volume(dataset, microscopy_volume(DEMO_SIZE), LEVELS, CHUNK, VOXEL_SIZE, compression)
     write_annotations(dataset / "annotations", DEMO_SIZE, write_json=write_json)
     return dataset
 
@@ -238,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--compression",
-        choices=["none", "zlib", "zstd", "lzw"],
+        choices=[*COMPRESSIONS, "lzw"],
         default="none",
         help="TIFF compression of the chunk files (default none)",
     )
@@ -252,7 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:
         parser.error(f"--name {args.name!r}: must be one directory name, not a path")
-    compression = None if args.compression == "none" else args.compression
     target = args.directory / args.name
     writer = None
     if target.exists():
@@ -266,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_USAGE)
         writer = store_writer(args.directory)
     try:
-        dataset = write_demo(args.directory, args.name, compression, write_json=writer)
+        dataset = write_demo(args.directory, args.name, args.compression, write_json=writer)
     except OSError as e:
         where = e.filename if e.filename is not None else target
         print(f"{parser.prog}: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
