@@ -18,13 +18,13 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
 from neurotrale_twisted.core.encoding import encode_body
-from neurotrale_twisted.web.site import (
+from neurotrale_twisted.web.negotiation import (
     Unsatisfiable,
     choose_encoding,
-    fold_slashes,
     none_match,
     single_range,
 )
+from neurotrale_twisted.web.site import fold_slashes
 from tests.conftest import RunningServer
 from tests.support import raw_http
 
