@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import gatherResults
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
 
 from neurotrale_twisted.core.encoding import encode_body
 from neurotrale_twisted.web.negotiation import (
@@ -24,7 +26,7 @@ from neurotrale_twisted.web.negotiation import (
     none_match,
     single_range,
 )
-from neurotrale_twisted.web.site import fold_slashes
+from neurotrale_twisted.web.site import HttpSettings, NeurotraleSite, fold_slashes
 from tests.conftest import RunningServer
 from tests.support import fetch_raw, header, headers_of, raw_http, status_of
 
@@ -175,6 +177,32 @@ async def test_a_request_twisted_cannot_read_is_a_json_400_with_cors(
         assert "access-control-expose-headers" in headers
         if origin in request:
             assert headers["access-control-allow-origin"] == ["https://viewer.lab.org"]
+
+
+class _Broken(Resource):
+    """A root whose rendering fails: an error no route's handler sees."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        raise RuntimeError("a bug")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_no_handler_took_is_a_json_500(logged: list[dict[str, Any]]) -> None:
+    port = reactor.listenTCP(0, NeurotraleSite(_Broken(), HttpSettings()), interface="127.0.0.1")
+    try:
+        request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = await deferToThread(raw_http, port.getHost().port, request, 5.0)
+    finally:
+        await maybeDeferred(port.stopListening)
+    assert status_of(answer) == 500, answer[:300]
+    assert headers_of(answer)["content-type"] == ["application/json"]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+        "error": "internal server error",
+        "status": 500,
+    }
+    assert any(e.get("log_failure") is not None for e in logged)
 
 
 def test_fold_slashes() -> None:

@@ -148,6 +148,19 @@ class LimitedRequest(server.Request):
         if not self._refused:
             super().process()
 
+    def processingFailed(self, reason: Failure) -> Failure:
+        """An error that no route's handler took (our bug): logged whole, and answered as
+        every error is, a JSON 500 (Twisted's own answer is an HTML page)."""
+        log.failure(
+            "{method} {uri} failed",
+            reason,
+            method=self.method.decode("latin-1"),
+            uri=self.uri.decode("latin-1"),
+        )
+        self.write(error_response(self, http.INTERNAL_SERVER_ERROR, "internal server error"))
+        self.finish()
+        return reason
+
 
 class LimitedChannel(http.HTTPChannel):
     """An HTTP connection with the site's header-size limit and deadlines per request.
