@@ -17,7 +17,8 @@ from twisted.python.threadpool import ThreadPool
 from neurotrale_twisted.core.paths import DataRoot
 from neurotrale_twisted.tools.demo import write_demo
 from neurotrale_twisted.web.app import Neurotrale
-from neurotrale_twisted.web.site import CorsPolicy, HttpSettings, NeurotraleSite
+from neurotrale_twisted.web.cors import CorsPolicy
+from neurotrale_twisted.web.site import HttpSettings, NeurotraleSite
 
 
 @pytest.fixture(scope="session")

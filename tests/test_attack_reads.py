@@ -97,10 +97,19 @@ async def test_if_none_match_lists_and_weak_tags_on_every_read_route(
 ) -> None:
     """Any spelling of a list (RFC 9110 5.6.1) and a weak tag (weak comparison, 13.1.2) is a
     304 on the static route as on the chunks', and a 304 says no ``Content-Length: 0``."""
-    for target in (INFO, CHUNK, FIBERS, "/api/openapi.json"):
+    for target in (INFO, CHUNK, FIBERS, "/api/openapi.json", "/api/history.js"):
         answer = await _raw(demo_server, _get(target))
         etag = headers_of(answer)["etag"][0]
-        for header in (etag, f'"a", {etag}', f'"a",{etag}', f"W/{etag}", f'"x" ,W/{etag}', "*"):
+        weak_list = f'W/"a",W/{etag}'
+        for header in (
+            etag,
+            f'"a", {etag}',
+            f'"a",{etag}',
+            f"W/{etag}",
+            f'"x" ,W/{etag}',
+            weak_list,
+            "*",
+        ):
             for method in ("GET", "HEAD"):
                 answer = await _raw(
                     demo_server, _get(target, f"If-None-Match: {header}", method=method)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from neurotrale_twisted.core.annotations import parse_records, validate_records
 from neurotrale_twisted.core.errors import BadRequest
-from neurotrale_twisted.web.site import Unsatisfiable, choose_encoding, single_range
+from neurotrale_twisted.web.negotiation import Unsatisfiable, choose_encoding, single_range
 
 VIEWER_FIELDS = ("id", "type", "point", "points", "anntype", "reviewed", "visited", "length")
 

@@ -14,19 +14,21 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import gatherResults
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
 
 from neurotrale_twisted.core.encoding import encode_body
-from neurotrale_twisted.web.site import (
+from neurotrale_twisted.web.negotiation import (
     Unsatisfiable,
     choose_encoding,
-    fold_slashes,
     none_match,
     single_range,
 )
+from neurotrale_twisted.web.site import HttpSettings, NeurotraleSite, fold_slashes
 from tests.conftest import RunningServer
-from tests.support import raw_http
+from tests.support import fetch_raw, header, headers_of, raw_http, status_of
 
 
 @pytest.mark.parametrize(
@@ -46,6 +48,14 @@ from tests.support import raw_http
         (b"GZIP", "gzip"),
         (b"gzip;q=abc, zstd", "zstd"),
         (b"x;;;,", None),
+        (b"identity;q=0", None),
+        (b"identity;q=0, gzip", "gzip"),
+        (b"gzip;q=0.5, zstd;q=0.4", "gzip"),
+        (b"*;q=0", None),
+        (b"*;q=0.1, gzip;q=0", "zstd"),
+        (b"zstd;q=0.000, gzip;q=0.001", "gzip"),
+        (b" gzip ;q=1 ,zstd;q=0 ", "gzip"),
+        (b"gzip;level=9", None),
     ],
 )
 def test_choose_encoding(header: bytes | None, chosen: str | None) -> None:
@@ -93,6 +103,106 @@ def test_none_match() -> None:
     assert none_match(b"*", '"b"')
     assert not none_match(b'"a"', '"b"')
     assert not none_match(None, '"b"')
+
+
+@pytest_twisted.ensureDeferred
+async def test_accept_encoding_is_read_alike_on_every_compressed_route(
+    demo_server: RunningServer,
+) -> None:
+    """The coding of a chunk and of the OpenAPI document is chosen by one reading of
+    ``Accept-Encoding`` (weights, ``*``, refusals by ``q=0``, ``identity``)."""
+    cases = [
+        ("identity;q=0", None),
+        ("identity;q=0, gzip", "gzip"),
+        ("gzip;q=0.5, zstd;q=0.4", "gzip"),
+        ("*;q=0", None),
+        ("*;q=0.1, gzip;q=0", "zstd"),
+        ("zstd;q=0, gzip;q=0", None),
+        ("GZIP;q=0.2, deflate", "gzip"),
+        ("br, deflate", None),
+    ]
+    for target in ("/demo-brain/1_1_1/0-64_0-64_0-32", "/api/openapi.json"):
+        whole, _ = await fetch_raw(demo_server.url + target, {})
+        assert header(whole, "content-encoding") is None, target
+        for accept, coding in cases:
+            response, body = await fetch_raw(demo_server.url + target, {"Accept-Encoding": accept})
+            assert response.code == 200, (target, accept)
+            assert header(response, "content-encoding") == coding, (target, accept)
+            assert "Accept-Encoding" in (header(response, "vary") or ""), (target, accept)
+            assert response.length == len(body), (target, accept)
+
+
+@pytest_twisted.ensureDeferred
+async def test_if_none_match_decides_before_if_modified_since(demo_server: RunningServer) -> None:
+    """RFC 9110 13.2.2: with ``If-None-Match`` present, ``If-Modified-Since`` is ignored, so
+    a list naming no current ETag is a 200 whatever the date; without it, the date decides."""
+    url = demo_server.url + "/demo-brain/info"
+    first, content = await fetch_raw(url, {})
+    etag, modified = header(first, "etag") or "", header(first, "last-modified") or ""
+    cases = [
+        ({"If-Modified-Since": modified}, 304),
+        ({"If-Modified-Since": modified, "If-None-Match": '"a", "b"'}, 200),
+        ({"If-Modified-Since": modified, "If-None-Match": f'"a",W/{etag}'}, 304),
+        ({"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT", "If-None-Match": etag}, 304),
+    ]
+    for headers, status in cases:
+        response, body = await fetch_raw(url, headers)
+        assert response.code == status, headers
+        assert body == (content if status == 200 else b""), headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_twisted_cannot_read_is_a_json_400_with_cors(
+    serve: Callable[..., RunningServer], demo_root: Path
+) -> None:
+    """A malformed request (line, header, body framing) is refused like every other error:
+    JSON, the CORS headers of the policy, ``nosniff`` (Twisted's own is a bare status line)."""
+    server = serve(demo_root, cors=("https://viewer.lab.org",))
+    origin = b"Origin: https://viewer.lab.org\r\n"
+    for request in (
+        b"GET /demo-brain/info\r\nHost: x\r\n\r\n",
+        b"GET /demo-brain/info HTTP/1.1\r\nHost: x\r\n" + origin + b"no colon\r\n\r\n",
+        b"PUT /demo-brain/annotations/x0y0z0/a.json HTTP/1.1\r\nHost: x\r\n"
+        + origin
+        + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n[]",
+    ):
+        answer = await deferToThread(raw_http, server.port.getHost().port, request, 5.0)
+        headers = headers_of(answer)
+        assert status_of(answer) == 400, (request, answer[:300])
+        document = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert document == {"error": document["error"], "status": 400}
+        assert headers["content-type"] == ["application/json"]
+        assert headers["x-content-type-options"] == ["nosniff"]
+        assert headers["vary"] == ["Origin"]
+        assert "access-control-expose-headers" in headers
+        if origin in request:
+            assert headers["access-control-allow-origin"] == ["https://viewer.lab.org"]
+
+
+class _Broken(Resource):
+    """A root whose rendering fails: an error no route's handler sees."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        raise RuntimeError("a bug")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_no_handler_took_is_a_json_500(logged: list[dict[str, Any]]) -> None:
+    port = reactor.listenTCP(0, NeurotraleSite(_Broken(), HttpSettings()), interface="127.0.0.1")
+    try:
+        request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = await deferToThread(raw_http, port.getHost().port, request, 5.0)
+    finally:
+        await maybeDeferred(port.stopListening)
+    assert status_of(answer) == 500, answer[:300]
+    assert headers_of(answer)["content-type"] == ["application/json"]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+        "error": "internal server error",
+        "status": 500,
+    }
+    assert any(e.get("log_failure") is not None for e in logged)
 
 
 def test_fold_slashes() -> None:

@@ -1,7 +1,7 @@
 """Compressing response bodies for the wire (runs on worker threads, never the reactor's).
 
-Which coding to use is the HTTP layer's choice (``http.choose_encoding``); this module only
-produces the bytes.
+Which coding to use is the HTTP layer's choice (``web.negotiation.choose_encoding``); this
+module only produces the bytes.
 """
 
 from __future__ import annotations

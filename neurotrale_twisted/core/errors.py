@@ -1,7 +1,8 @@
 """Domain errors raised by the core modules.
 
-The core (paths, chunks, annotations) knows nothing of HTTP; it raises these, and
-``neurotrale_twisted.web.site`` turns each into a status code and a JSON body
+The core (paths, chunks, annotations) knows nothing of HTTP; it raises these, each with the
+status of its class, and ``neurotrale_twisted.web.responses`` (``error_status``,
+``error_answer``) turns each into that status code and a JSON body
 ``{"error": message, "status": code}``. Nothing else in the code writes error responses.
 """
 

@@ -47,9 +47,10 @@ from neurotrale_twisted.web.connections import (
     raise_open_file_limit,
     reserved_descriptors,
 )
+from neurotrale_twisted.web.cors import CorsPolicy
 from neurotrale_twisted.web.metrics import MULTIPROCESS_ENV, ServerMetrics
 from neurotrale_twisted.web.serving import ServingSite
-from neurotrale_twisted.web.site import CorsPolicy, HttpSettings
+from neurotrale_twisted.web.site import HttpSettings
 
 log = Logger()
 

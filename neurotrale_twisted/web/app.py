@@ -1,8 +1,9 @@
 """The Klein application: thin routes that parse a request, call the core, shape the answer.
 
 Blocking work (TIFF decoding, compression, annotation reads and writes) runs on the
-server's own thread pool; the reactor thread never touches the disk on a hot path. Domain
-errors raised by the core become JSON answers in one handler below.
+server's own thread pool; the reactor thread never touches the disk on a hot path. Every
+error a route raises (the core's domain errors included) becomes a JSON answer in one handler
+below, :meth:`Neurotrale.error`, through ``responses``.
 """
 
 from __future__ import annotations
@@ -42,23 +43,26 @@ from neurotrale_twisted.core.rootfs import OpenedFile
 from neurotrale_twisted.core.static import Listing, find_static
 from neurotrale_twisted.web import docs, history
 from neurotrale_twisted.web.auth import WritePolicy, make_portal
+from neurotrale_twisted.web.cors import CorsPolicy
 from neurotrale_twisted.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from neurotrale_twisted.web.metrics import ServerMetrics
-from neurotrale_twisted.web.protocol import MAX_VERSION_DIGITS
-from neurotrale_twisted.web.site import (
-    BodyResource,
-    CorsPolicy,
-    JsonErrorResource,
-    NeurotraleRoot,
+from neurotrale_twisted.web.negotiation import (
     Unsatisfiable,
     choose_encoding,
-    error_response,
-    if_range_holds,
-    json_body,
     none_match,
     not_modified,
-    single_range,
+    requested_range,
 )
+from neurotrale_twisted.web.protocol import MAX_VERSION_DIGITS
+from neurotrale_twisted.web.responses import (
+    BodyResource,
+    JsonErrorResource,
+    error_response,
+    error_status,
+    json_body,
+    range_not_satisfiable,
+)
+from neurotrale_twisted.web.site import NeurotraleRoot
 
 log = Logger()
 P = ParamSpec("P")
@@ -186,21 +190,18 @@ class DataFile(File):
             # which is not the length of the file (RFC 9110 8.6).
             request.finish()
             return server.NOT_DONE_YET
-        asked = request.getHeader(b"range")
         # The date File sends: Request.setLastModified rounds the time up.
         last_modified = http.datetimeToString(math.ceil(status.st_mtime))
-        if not if_range_holds(request, etag, last_modified):
-            asked = None
         try:
-            span = single_range(asked, status.st_size)
+            span = requested_range(request, etag, last_modified, status.st_size)
         except Unsatisfiable:
             found.close()
             # File would answer an empty body under the file's own content type.
-            body = error_response(
-                request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
-            )
-            request.setHeader(b"content-range", b"bytes */%d" % status.st_size)
-            return body
+            return range_not_satisfiable(request, status.st_size)
+        if request.getHeader(b"if-none-match") is not None:
+            # File answers 304 to an If-Modified-Since that still holds; with If-None-Match
+            # present, which does not match here, RFC 9110 13.2.2 has it ignored.
+            request.requestHeaders.removeHeader(b"if-modified-since")
         # File's own reading of Range fails on a suffix longer than the file (a seek before
         # the start: a 500, or a connection left hanging among several ranges): it gets the
         # one range understood here, spelled plainly, or none (several ranges, RFC 9110
@@ -455,16 +456,11 @@ class Neurotrale:
         if answer.coding is not None:
             request.setHeader(b"content-encoding", answer.coding.encode())
         last_modified = request.responseHeaders.getRawHeaders(b"last-modified", [b""])[0]
-        if range_header is not None and not if_range_holds(request, answer.etag, last_modified):
-            range_header = None  # the whole body: identity, as for any range request
         try:
-            span = single_range(range_header, len(body))
+            # If-Range naming another version: the whole body, identity as for any range.
+            span = requested_range(request, answer.etag, last_modified, len(body))
         except Unsatisfiable:
-            refusal = error_response(
-                request, http.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"
-            )
-            request.setHeader(b"content-range", b"bytes */%d" % len(body))
-            return refusal
+            return range_not_satisfiable(request, len(body))
         if span is not None:
             start, end = span
             request.setResponseCode(http.PARTIAL_CONTENT)
@@ -607,30 +603,30 @@ class Neurotrale:
 
     # --- errors ---------------------------------------------------------------------------
 
-    @app.handle_errors(DomainError)
-    def domain_error(self, request: IRequest, failure: Failure) -> bytes:
-        """A core error: its status and message, as JSON."""
+    @app.handle_errors(Exception)
+    def error(self, request: IRequest, failure: Failure) -> bytes:
+        """Any error of a route, as JSON, with the status ``responses.error_status`` gives it:
+        a core error with its message, no route for this path or method (404, 405), and
+        anything else, which is our bug, logged whole and answered a plain 500."""
         error = failure.value
-        assert isinstance(error, DomainError)
-        if error.status >= 500:
-            log.error(
-                "{method} {uri}: {message}",
-                method=request.method.decode(),
-                uri=request.uri.decode("latin-1"),
-                message=error.message
-                if error.detail is None
-                else f"{error.message} ({error.detail})",
-            )
+        assert error is not None  # a Failure always holds its exception
+        status = error_status(error)
+        if isinstance(error, HTTPException):
+            return self._routing_error(request, error, status)
+        method, uri = request.method.decode("latin-1"), request.uri.decode("latin-1")
+        if not isinstance(error, DomainError):
+            log.failure("{method} {uri} failed", failure, method=method, uri=uri)
+            return error_response(request, status, "internal server error")
+        if status >= 500:
+            message = error.message if error.detail is None else f"{error.message} ({error.detail})"
+            log.error("{method} {uri}: {message}", method=method, uri=uri, message=message)
         # Paths under the root become relative to it (error_response drops any other).
         message = error.message.replace(str(self.root.root).rstrip(os.sep) + os.sep, "")
-        return error_response(request, error.status, message)
+        return error_response(request, status, message)
 
-    @app.handle_errors(HTTPException)
-    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
-        """No route for this path or method (404, 405), as JSON."""
-        error = failure.value
-        assert isinstance(error, HTTPException)
-        status = error.code or 500
+    @staticmethod
+    def _routing_error(request: IRequest, error: HTTPException, status: int) -> bytes:
+        """No route for this path (404) or for this method (405, with ``Allow``)."""
         if status == http.NOT_ALLOWED and (refusal := _bad_annotation_name(request)):
             return error_response(request, http.BAD_REQUEST, refusal)
         if status == http.NOT_ALLOWED:
@@ -640,17 +636,6 @@ class Neurotrale:
                 request, status, f"method {request.method.decode()} is not allowed here"
             )
         return error_response(request, status, error.description or "not found")
-
-    @app.handle_errors(Exception)
-    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
-        """Anything else is our bug: log it whole, answer a plain 500."""
-        log.failure(
-            "{method} {uri} failed",
-            failure,
-            method=request.method.decode(),
-            uri=request.uri.decode("latin-1"),
-        )
-        return error_response(request, http.INTERNAL_SERVER_ERROR, "internal server error")
 
 
 #: A path segment the chunk fast path takes as it is: no percent-escape, no ``.`` or ``..``
@@ -667,7 +652,7 @@ class ChunkRoutes(Resource):
     exactly what the chunk route matches (no other route ends in a chunk name), so it goes
     straight to :meth:`Neurotrale.chunk`, its errors to the same handlers; everything else,
     and any spelling with escapes, goes to Klein. It sits where Klein's resource sat, behind
-    :class:`http.NeurotraleRoot` (CORS, method, ``Host`` and query checks) and the access
+    `site.NeurotraleRoot` (CORS, method, ``Host`` and query checks) and the access
     policy, so every request passes the same checks as before.
     """
 
@@ -706,12 +691,8 @@ class ChunkRoutes(Resource):
                 request.render(result)  # type: ignore[attr-defined]
 
         def failed(failure: Failure) -> None:
-            if finished:
-                return
-            if failure.check(DomainError):
-                send(self.app.domain_error(request, failure))
-            else:
-                send(self.app.unexpected_error(request, failure))
+            if not finished:
+                send(self.app.error(request, failure))
 
         answer.addCallbacks(send, failed)
         return server.NOT_DONE_YET

@@ -29,7 +29,7 @@ from twisted.web.resource import IResource
 from twisted.web.util import DeferredResource
 from zope.interface import implementer
 
-from neurotrale_twisted.web.site import JsonErrorResource, error_response
+from neurotrale_twisted.web.responses import JsonErrorResource, error_response
 
 log = Logger()
 

@@ -19,8 +19,8 @@ from twisted.web.iweb import IRequest
 from neurotrale_twisted.core.encoding import encode_body
 from neurotrale_twisted.core.errors import NotFound
 from neurotrale_twisted.web import history
+from neurotrale_twisted.web.negotiation import add_vary, not_modified
 from neurotrale_twisted.web.openapi import SWAGGER_ASSETS, openapi_json
-from neurotrale_twisted.web.site import add_vary, not_modified
 
 #: The page at ``/api/``. Paths are relative so that it works behind a proxy's path prefix.
 PAGE = b"""<!DOCTYPE html>

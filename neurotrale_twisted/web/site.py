@@ -1,15 +1,15 @@
-"""Cross-cutting HTTP: CORS, errors as JSON, content encoding, ETags, ranges, body limits.
+"""The site: its requests and connections with their limits, and the root resource.
 
-Every response passes through :class:`NeurotraleRoot`, which adds the CORS headers (errors
-included), answers ``OPTIONS`` preflights, and folds ``//`` into ``/`` before the Klein
-routes see the path. :func:`error_response` is the one place a domain error becomes a status
-code and a JSON body.
+:class:`NeurotraleSite` makes :class:`LimitedChannel` connections (header size, deadlines,
+the cap on open connections) carrying :class:`LimitedRequest` requests (the body limit, the
+request target ``*``). Every response passes through :class:`NeurotraleRoot`, which adds the
+CORS headers (errors included), answers ``OPTIONS`` preflights, refuses a faulty request
+before routing, and folds ``//`` into ``/`` before the Klein routes see the path. Error
+answers come from :mod:`.responses`, as everywhere else.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,252 +21,17 @@ from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from neurotrale_twisted.web.body import BodyProducer
 from neurotrale_twisted.web.connections import LogThrottle
+from neurotrale_twisted.web.cors import ALLOWED_METHODS, CorsPolicy
 from neurotrale_twisted.web.protocol import (
     absolute_form,
     host_fault,
     method_fault,
     request_fault,
 )
+from neurotrale_twisted.web.responses import error_response, send_raw_error
 
 log = Logger()
-
-#: Headers a browser script may read from our answers.
-EXPOSED_HEADERS = b"ETag, Content-Length, Content-Range, Content-Encoding, Last-Modified"
-ALLOWED_METHODS = b"GET, HEAD, PUT, PATCH, DELETE, OPTIONS"
-DEFAULT_ALLOWED_HEADERS = b"Content-Type, If-Match, If-None-Match, Range, Authorization"
-#: Encodings we produce, best first. ``deflate`` is never chosen: cloud-volume cannot decode it.
-SUPPORTED_ENCODINGS = ("zstd", "gzip")
-
-
-@dataclass(frozen=True)
-class CorsPolicy:
-    """Which origins may read our answers from a browser script.
-
-    ``origins`` holds ``*`` (anyone, never with credentials) or exact origins such as
-    ``https://viewer.lab.org``, which are echoed back and may send credentials.
-    """
-
-    origins: tuple[str, ...] = ("*",)
-
-    def headers(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
-        """The CORS response headers for a request from ``origin`` (None: not known)."""
-        headers = [(b"access-control-expose-headers", EXPOSED_HEADERS)]
-        if "*" in self.origins:
-            headers.append((b"access-control-allow-origin", b"*"))
-        elif origin is not None and origin.decode("latin-1") in self.origins:
-            headers.append((b"access-control-allow-origin", origin))
-            headers.append((b"access-control-allow-credentials", b"true"))
-        return headers
-
-    def apply(self, request: IRequest) -> None:
-        """Add the CORS response headers for ``request`` (every response gets them)."""
-        if "*" not in self.origins:
-            add_vary(request, b"Origin")
-        for name, value in self.headers(request.getHeader(b"origin")):
-            request.setHeader(name, value)
-
-    def preflight(self, request: IRequest) -> bytes:
-        """Answer an ``OPTIONS`` preflight: 204 with the methods and headers allowed."""
-        request.setResponseCode(http.NO_CONTENT)
-        request.setHeader(b"access-control-allow-methods", ALLOWED_METHODS)
-        asked = request.getHeader(b"access-control-request-headers")
-        request.setHeader(b"access-control-allow-headers", asked or DEFAULT_ALLOWED_HEADERS)
-        request.setHeader(b"access-control-max-age", b"86400")
-        # No ``Allow`` here: it would have to name the methods of the route at this path, and
-        # browsers read only ``Access-Control-Allow-Methods``.
-        return b""
-
-
-def add_vary(request: IRequest, token: bytes) -> None:
-    """Add ``token`` to the response's ``Vary`` header, keeping what is there."""
-    current = request.responseHeaders.getRawHeaders(b"vary", [])
-    tokens = [t.strip() for value in current for t in value.split(b",") if t.strip()]
-    if token.lower() not in (t.lower() for t in tokens):
-        tokens.append(token)
-    request.setHeader(b"vary", b", ".join(tokens))
-
-
-def json_body(request: IRequest, status: int, document: Any) -> bytes:
-    """Set ``status`` and a JSON content type, and return ``document`` encoded."""
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    body = json.dumps(document).encode("utf-8")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
-
-
-#: An absolute filesystem path in a message: a ``/`` that begins a word, with more after it.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"]+/)+")
-
-
-def without_absolute_paths(message: str) -> str:
-    """``message`` with every absolute path cut down to its last name.
-
-    An error body never tells a client where the server keeps its files (the log does);
-    callers make paths under the data root relative to it first (see ``web.domain_error``).
-    """
-    return _ABSOLUTE_PATH.sub("", message)
-
-
-def error_response(request: IRequest, status: int, message: str) -> bytes:
-    """The JSON error answer ``{"error": message, "status": status}``; no absolute path in it."""
-    request.setHeader(b"cache-control", b"no-store")
-    # An error replaces whatever a handler had begun to describe.
-    for name in (b"etag", b"last-modified", b"content-encoding", b"content-range"):
-        request.responseHeaders.removeHeader(name)
-    document = {"error": without_absolute_paths(message), "status": status}
-    return json_body(request, status, document)
-
-
-class JsonErrorResource(Resource):
-    """A leaf that answers a fixed JSON error: the static files' 404 and 403 pages."""
-
-    isLeaf = True
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__()
-        self.status = status
-        self.message = message
-
-    def render(self, request: IRequest) -> bytes:
-        """Answer the error (headers only for ``HEAD``, which Twisted would log otherwise)."""
-        body = error_response(request, self.status, self.message)
-        return b"" if request.method == b"HEAD" else body
-
-
-class BodyResource(Resource):
-    """A leaf that sends a body held in memory, a piece at a time as the client reads it
-    (:class:`body.BodyProducer`), so slow clients cost little memory."""
-
-    isLeaf = True
-
-    def __init__(self, body: bytes) -> None:
-        super().__init__()
-        self.body = body
-
-    def render(self, request: IRequest) -> Any:
-        """Send the body (the handler has set the status and the other headers)."""
-        request.setHeader(b"content-length", b"%d" % len(self.body))
-        if request.method == b"HEAD":
-            return b""
-        BodyProducer(request, self.body).start()  # type: ignore[arg-type]  # an http.Request
-        return server.NOT_DONE_YET
-
-
-# --- ETags and conditional requests -------------------------------------------------------
-
-
-def _etag_list(header: bytes | None) -> list[str]:
-    if header is None:
-        return []
-    return [t.strip() for t in header.decode("latin-1").split(",") if t.strip()]
-
-
-def none_match(header: bytes | None, etag: str) -> bool:
-    """True when an ``If-None-Match`` header names ``etag`` (weak comparison) or is ``*``."""
-    tags = _etag_list(header)
-    return "*" in tags or etag.removeprefix("W/") in (t.removeprefix("W/") for t in tags)
-
-
-def not_modified(request: IRequest, etag: str) -> bool:
-    """Send ``etag`` as the ETag; True, with the status 304, when ``If-None-Match`` names it.
-
-    Unlike Twisted's ``setETag``, any spelling of the list (``"a","b"``), a weak tag
-    (``W/"a"``: the weak comparison of RFC 9110 13.1.2) and ``*`` are understood. The caller
-    sends no body (and no ``Content-Length`` that would not be the representation's).
-    """
-    request.setHeader(b"etag", etag.encode())
-    if none_match(request.getHeader(b"if-none-match"), etag):
-        request.setResponseCode(http.NOT_MODIFIED)
-        return True
-    return False
-
-
-def if_range_holds(request: IRequest, etag: str, last_modified: bytes) -> bool:
-    """Whether the request's ``Range`` may be served (RFC 9110 13.1.5).
-
-    True without ``If-Range``, or when it names this representation: its strong ``etag``
-    (a weak tag never matches), or exactly the ``last_modified`` date the answer carries.
-    Otherwise the range is ignored and the whole body sent: the client holds the start of
-    another version.
-    """
-    header: bytes | None = request.getHeader(b"if-range")
-    if header is None:
-        return True
-    value = header.strip()
-    if value.startswith((b'"', b"W/")):
-        return value == etag.encode()
-    return value == last_modified
-
-
-# --- content encoding ---------------------------------------------------------------------
-
-
-_CODING = re.compile(r"^\s*([A-Za-z0-9*_-]+)\s*(?:;\s*q\s*=\s*([0-9.]+))?\s*$")
-
-
-def choose_encoding(accept_encoding: bytes | None) -> str | None:
-    """The best encoding of :data:`SUPPORTED_ENCODINGS` the client accepts, or None.
-
-    zstd is preferred to gzip; a ``q=0`` refuses a coding; ``*`` stands for any coding
-    not named. ``deflate`` is never chosen.
-    """
-    if not accept_encoding:
-        return None
-    weights: dict[str, float] = {}
-    for item in accept_encoding.decode("latin-1").split(","):
-        match = _CODING.match(item)
-        if match is None:
-            continue
-        try:
-            weights[match.group(1).lower()] = float(match.group(2) or 1)
-        except ValueError:
-            continue
-    best: tuple[float, str] | None = None
-    for coding in SUPPORTED_ENCODINGS:
-        q = weights.get(coding, weights.get("*", 0.0))
-        if q > 0 and (best is None or q > best[0]):
-            best = (q, coding)
-    return best[1] if best else None
-
-
-# --- byte ranges --------------------------------------------------------------------------
-
-
-_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
-
-
-class Unsatisfiable(Exception):
-    """A ``Range`` that selects no byte of the body (416)."""
-
-
-def single_range(header: bytes | None, length: int) -> tuple[int, int] | None:
-    """The ``(start, end_exclusive)`` a single-range ``Range`` header asks for, or None.
-
-    None means "send the whole body" (no header, a multi-range or a malformed one, which
-    RFC 9110 lets a server ignore). Raises :class:`Unsatisfiable` for a range past the end.
-    """
-    if header is None:
-        return None
-    match = _RANGE.match(header.decode("latin-1"))
-    if match is None or (not match.group(1) and not match.group(2)):
-        return None
-    first, last = match.group(1), match.group(2)
-    if first:
-        start = int(first)
-        end = min(int(last) + 1, length) if last else length
-        if start >= length or end <= start:
-            raise Unsatisfiable()
-        return start, end
-    suffix = int(last)
-    if suffix == 0:
-        raise Unsatisfiable()
-    return max(0, length - suffix), length
-
-
-# --- the request and the root resource ----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -287,29 +52,6 @@ class HttpSettings:
     idle_timeout: float = 60.0
     #: The most connections open at once (None: no cap); see ``connections.py``.
     max_connections: int | None = None
-
-
-def send_raw_error(
-    transport: Any, settings: HttpSettings, origin: bytes | None, status: int, message: str
-) -> None:
-    """Answer ``status`` with a JSON error straight on the connection, then close it.
-
-    For refusals that happen while a request is still arriving (a body over the limit, a
-    client too slow to finish its request), before Twisted has a request to answer.
-    """
-    body = json.dumps({"error": message, "status": status}).encode()
-    headers = [
-        b"HTTP/1.1 %d %s" % (status, http.RESPONSES.get(status, b"Error")),
-        b"Content-Type: application/json",
-        b"Content-Length: %d" % len(body),
-        b"Connection: close",
-        b"X-Content-Type-Options: nosniff",
-    ]
-    if "*" not in settings.cors.origins:
-        headers.append(b"Vary: Origin")
-    headers.extend(name.title() + b": " + value for name, value in settings.cors.headers(origin))
-    transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-    transport.loseConnection()
 
 
 def _settings_of(channel: Any) -> HttpSettings:
@@ -394,8 +136,8 @@ class LimitedRequest(server.Request):
         settings = _settings_of(self.channel)
         log.info("refused a request body over {limit} bytes", limit=settings.max_body)
         send_raw_error(
-            self.channel.transport,
-            settings,
+            self.channel,
+            settings.cors,
             self.getHeader(b"origin"),
             413,
             f"request body is larger than the limit of {settings.max_body} bytes",
@@ -405,6 +147,19 @@ class LimitedRequest(server.Request):
         """Process the request unless its body was refused (the 413 is already sent)."""
         if not self._refused:
             super().process()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """An error that no route's handler took (our bug): logged whole, and answered as
+        every error is, a JSON 500 (Twisted's own answer is an HTML page)."""
+        log.failure(
+            "{method} {uri} failed",
+            reason,
+            method=self.method.decode("latin-1"),
+            uri=self.uri.decode("latin-1"),
+        )
+        self.write(error_response(self, http.INTERNAL_SERVER_ERROR, "internal server error"))
+        self.finish()
+        return reason
 
 
 class LimitedChannel(http.HTTPChannel):
@@ -446,13 +201,25 @@ class LimitedChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request line or header line over the limit: 431, then close."""
-        send_raw_error(
-            self.transport,
-            _settings_of(self),
-            None,
-            431,
-            f"a request or header line is longer than {self.MAX_LENGTH} bytes",
+        self.refuse(431, f"a request or header line is longer than {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """A request Twisted cannot read (its line, a header, the framing of its body) or
+        whose headers are over the limit: a JSON 400 like every other refusal, then close.
+
+        Twisted's own answer is a bare status line, without the CORS headers.
+        """
+        self.refuse(
+            400,
+            "the request is not valid HTTP/1.1, or its headers are larger than "
+            f"{self.totalHeadersSize} bytes",
         )
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a JSON error on the connection, then close it: for a
+        request still arriving, which Twisted has no request object to answer with."""
+        origin = self.requests[-1].getHeader(b"origin") if self.requests else None
+        send_raw_error(self, _settings_of(self).cors, origin, status, message)
 
     def allHeadersReceived(self) -> None:
         """The headers are in: the rest of the request has until the request's deadline."""
@@ -505,13 +272,7 @@ class LimitedChannel(http.HTTPChannel):
             # Nothing to answer: a connection opened and left silent.
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        send_raw_error(
-            self.transport,
-            settings,
-            None,
-            408,
-            f"the {what} did not arrive within {limit:g} seconds",
-        )
+        self.refuse(408, f"the {what} did not arrive within {limit:g} seconds")
 
 
 def _header_window(settings: HttpSettings) -> float:
