@@ -30,7 +30,7 @@ from twisted.web.util import redirectTo
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.annotations.store import AnnotationStore
 from neurotrale_twisted.core.chunks import CHUNK_PATTERN, ChunkName, ChunkSource, file_etag
 from neurotrale_twisted.core.datasets import find_datasets
 from neurotrale_twisted.core.errors import BadRequest, DomainError, MethodNotAllowed, NotFound
