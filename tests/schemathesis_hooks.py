@@ -11,7 +11,7 @@ import schemathesis
 
 Case = schemathesis.Case[Any]
 
-#: How the server's messages about a refused request body begin (annotations.py).
+#: How the server's messages about a refused request body begin (annotations/records.py).
 BODY_MESSAGES = (
     "record",
     "invalid JSON",

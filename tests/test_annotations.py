@@ -30,15 +30,16 @@ _CHECKOUT = str(Path(__file__).resolve().parents[1])
 if _CHECKOUT not in sys.path:
     sys.path.insert(0, _CHECKOUT)
 
-from neurotrale_twisted.core.annotations import (  # noqa: E402
+from neurotrale_twisted.core.annotations.records import (  # noqa: E402
     ANNOTATION_NAME,
-    AnnotationStore,
-    StoredFile,
-    WriteResult,
-    etag_of,
     parse_records,
     validate_records,
 )
+from neurotrale_twisted.core.annotations.store import (  # noqa: E402
+    AnnotationStore,
+    WriteResult,
+)
+from neurotrale_twisted.core.annotations.versions import StoredFile, etag_of  # noqa: E402
 from neurotrale_twisted.core.errors import (  # noqa: E402
     BadRequest,
     DomainError,

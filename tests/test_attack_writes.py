@@ -117,7 +117,7 @@ def test_an_edit_on_disk_already_committed_is_not_committed_again_over_newer_wor
 KILLED_WRITER = r"""
 import os, signal, sys
 from neurotrale_twisted.core import rootfs
-from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.annotations.store import AnnotationStore
 from neurotrale_twisted.core.paths import DataRoot
 
 root, keep, kill_at, when, method, rid = sys.argv[1:]
@@ -301,8 +301,8 @@ def test_each_write_answers_the_etag_a_read_gives_and_a_stray_put_is_undone_by_o
 #: trims an older entry: argv = root, keep_versions, writes.
 UNPUBLISHED_WRITER = r"""
 import errno, sys
-from neurotrale_twisted.core import commitlog
-from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.annotations import commitlog
+from neurotrale_twisted.core.annotations.store import AnnotationStore
 from neurotrale_twisted.core.paths import DataRoot
 
 def full(self, *args, **kwargs):
@@ -354,7 +354,7 @@ STALLED_WRITER = r"""
 import os, signal, sys, time
 from pathlib import Path
 from neurotrale_twisted.core import rootfs
-from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.annotations.store import AnnotationStore
 from neurotrale_twisted.core.paths import DataRoot
 
 root, keep, stalled, release = sys.argv[1:]
@@ -369,8 +369,8 @@ def rename(self, source, target, target_dir=None):
 
 rootfs.Directory.rename = rename
 import contextlib
-from neurotrale_twisted.core import annotations
-annotations.same_host_lock = lambda block, name: contextlib.nullcontext()  # another host
+from neurotrale_twisted.core.annotations import store as store_module
+store_module.same_host_lock = lambda block, name: contextlib.nullcontext()  # another host
 data = DataRoot(root)
 store = AnnotationStore(data, keep_versions=int(keep))
 path = store.locate(data.root / "demo-brain", "x0y0z0", "attack.json", for_write=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from neurotrale_twisted import project_version
-from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.annotations.store import AnnotationStore
 from neurotrale_twisted.core.cpus import cgroup_cpu_quota, usable_cpus
 from neurotrale_twisted.core.paths import DataRoot
 from neurotrale_twisted.process.options import Options

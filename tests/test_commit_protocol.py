@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from neurotrale_twisted.core import annotations as store_module
-from neurotrale_twisted.core import commitlog
+from neurotrale_twisted.core.annotations import commitlog
+from neurotrale_twisted.core.annotations import store as store_module
 from neurotrale_twisted.core.errors import Unavailable
 from neurotrale_twisted.core.rootfs import temporary_name
 

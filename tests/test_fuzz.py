@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neurotrale_twisted.core.annotations import parse_records, validate_records
+from neurotrale_twisted.core.annotations.records import parse_records, validate_records
 from neurotrale_twisted.core.errors import BadRequest
 from neurotrale_twisted.web.negotiation import Unsatisfiable, choose_encoding, single_range
 

@@ -17,7 +17,16 @@ import treq
 from openapi_spec_validator import validate
 from twisted.internet.threads import deferToThread
 
-from neurotrale_twisted.web.app import Neurotrale
+from neurotrale_twisted.core.annotations.records import (
+    ANNOTATION_NAME,
+    ANNOTATION_NAME_FORM,
+    ANNOTATION_NAME_PATTERN,
+    MAX_ANNOTATION_NAME,
+    RECORD_TYPES,
+    REQUIRED_COORDINATES,
+)
+from neurotrale_twisted.web.app import AnnotationNameConverter, Neurotrale
+from neurotrale_twisted.web.metrics import route_of
 from neurotrale_twisted.web.openapi import ROUTES, SWAGGER_ASSETS, openapi_document, openapi_path
 from tests.conftest import RunningServer
 
@@ -70,6 +79,51 @@ def test_document_is_valid_openapi_3() -> None:
     assert {"versions", "version"} <= names
     delete = [p for p in annotations["delete"]["parameters"] if p.get("name") == "id"]
     assert delete and delete[0]["required"] is True
+
+
+def _any_case_words(pattern: str) -> list[str]:
+    """The words of a ``^([wW][oO]...|...)$`` pattern (one matching words in any case)."""
+    assert pattern.startswith("^(") and pattern.endswith(")$"), pattern
+    return re.sub(r"\[(\w)\w\]", r"\1", pattern[2:-2]).split("|")
+
+
+def test_the_annotation_rules_are_the_cores() -> None:
+    """The document states the core's own annotation rules: the file name and the record
+    types with the coordinates each needs; the route and the metrics label take a name
+    exactly when the rule does."""
+    document = openapi_document()
+    parameters = document["components"]["parameters"]
+    name = parameters["name"]["schema"]
+    assert name["pattern"] == f"^{ANNOTATION_NAME_FORM}$"
+    assert name["maxLength"] == MAX_ANNOTATION_NAME
+    record = document["components"]["schemas"]["Record"]
+    assert _any_case_words(record["properties"]["type"]["pattern"]) == list(RECORD_TYPES)
+    needed = {
+        kind: branch.get("required", [None])[0]
+        for branch in record["anyOf"]
+        for kind in _any_case_words(branch["properties"]["type"]["pattern"])
+    }
+    assert needed == {kind: REQUIRED_COORDINATES.get(kind) for kind in RECORD_TYPES}
+
+    assert AnnotationNameConverter.regex == ANNOTATION_NAME_PATTERN
+    for candidate in [
+        "fibers.json",
+        "z-0117.json",
+        "a.b.json",
+        "x" * 225 + ".json",
+        "x" * 226 + ".json",
+        ".hidden.json",
+        "a..b.json",
+        "a..json",
+        "notes.txt",
+        "fibers.JSON",
+    ]:
+        valid = ANNOTATION_NAME.match(candidate) is not None
+        described = re.search(name["pattern"], candidate) and len(candidate) <= name["maxLength"]
+        assert bool(described) == valid, candidate
+        path = f"/demo-brain/annotations/x0y0z0/{candidate}"
+        assert routed_endpoint(path) == ("annotation" if valid else "static"), candidate
+        assert route_of(path.encode()) == routed_endpoint(path), candidate
 
 
 @pytest_twisted.ensureDeferred

@@ -34,7 +34,7 @@ from twisted.logger import (
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from neurotrale_twisted.core.annotations import remove_stale_temporaries
+from neurotrale_twisted.core.annotations.store import remove_stale_temporaries
 from neurotrale_twisted.core.datasets import find_datasets
 from neurotrale_twisted.core.paths import DataRoot
 from neurotrale_twisted.process.adopted import Inherited, serve_inherited
@@ -64,8 +64,8 @@ _LEVELS = (
 
 class _TwistedLogHandler(logging.Handler):
     """Emits a standard-library log record as a Twisted log event in the namespace of the
-    module that logged it (``neurotrale_twisted.core.commitlog``), so it is written where the
-    server's own lines are, in the same format."""
+    module that logged it (``neurotrale_twisted.core.annotations.commitlog``), so it is
+    written where the server's own lines are, in the same format."""
 
     def emit(self, record: logging.LogRecord) -> None:
         """Hand ``record`` to Twisted's global log publisher."""

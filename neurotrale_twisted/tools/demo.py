@@ -151,7 +151,7 @@ def _write_new_json(path: Path, records: list[dict[str, object]]) -> None:
 def store_writer(directory: Path) -> AnnotationWriter:
     """A writer that saves annotation files through the server's store (a ``PUT``): the
     content a file had is kept as a version, as for any write; an unchanged file makes none."""
-    from neurotrale_twisted.core.annotations import AnnotationStore
+    from neurotrale_twisted.core.annotations.store import AnnotationStore
     from neurotrale_twisted.core.paths import DataRoot
 
     store = AnnotationStore(DataRoot(directory))

@@ -31,7 +31,8 @@ from twisted.web.util import redirectTo
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from neurotrale_twisted.core.annotations import AnnotationStore
+from neurotrale_twisted.core.annotations.records import ANNOTATION_NAME_PATTERN
+from neurotrale_twisted.core.annotations.store import AnnotationStore
 from neurotrale_twisted.core.chunks.names import CHUNK_PATTERN, ChunkName
 from neurotrale_twisted.core.chunks.source import ChunkSource
 from neurotrale_twisted.core.datasets import find_datasets
@@ -79,9 +80,9 @@ class ChunkConverter(BaseConverter):
 
 
 class AnnotationNameConverter(BaseConverter):
-    """A URL segment that is an annotation file name ending in ``.json``."""
+    """A URL segment that is an annotation file name (the core's rule, ending in ``.json``)."""
 
-    regex = r"[A-Za-z0-9_.\-]+\.json"
+    regex = ANNOTATION_NAME_PATTERN
 
 
 class DataFile(File):

@@ -20,7 +20,7 @@ import os
 from importlib import resources
 from urllib.parse import quote
 
-from neurotrale_twisted.core.annotations import ANNOTATION_NAME
+from neurotrale_twisted.core.annotations.records import ANNOTATION_NAME
 
 #: The page's files under ``/api/``, and their content types.
 HISTORY_ASSETS: dict[str, str] = {

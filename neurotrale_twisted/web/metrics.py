@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,6 +29,7 @@ from prometheus_client import (
     values,
 )
 
+from neurotrale_twisted.core.annotations.records import ANNOTATION_NAME
 from neurotrale_twisted.core.chunks.names import CHUNK_PATTERN
 
 #: The environment variable that puts prometheus_client in multiprocess mode.
@@ -55,7 +57,11 @@ def route_of(path: bytes) -> str:
         return segments[0].decode()
     if segments[0] == b"api":
         return "api"
-    if len(segments) >= 4 and segments[-3] == b"annotations" and segments[-1].endswith(b".json"):
+    if (
+        len(segments) >= 4
+        and segments[-3] == b"annotations"
+        and ANNOTATION_NAME.match(unquote_to_bytes(segments[-1]).decode("utf-8", "replace"))
+    ):
         return "annotation"
     if len(segments) >= 3 and _CHUNK_SEGMENT.fullmatch(segments[-1].decode("latin-1")):
         return "chunk"

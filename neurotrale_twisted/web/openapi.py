@@ -18,6 +18,12 @@ from functools import cache
 from typing import Any
 
 from neurotrale_twisted import project_version
+from neurotrale_twisted.core.annotations.records import (
+    ANNOTATION_NAME_FORM,
+    MAX_ANNOTATION_NAME,
+    RECORD_TYPES,
+    REQUIRED_COORDINATES,
+)
 from neurotrale_twisted.core.chunks.names import CHUNK_PATTERN
 from neurotrale_twisted.web.history import HISTORY_ASSETS
 from neurotrale_twisted.web.protocol import MAX_VERSION_DIGITS
@@ -101,11 +107,30 @@ def _any_case(*words: str) -> str:
     return "^(" + "|".join(spelled) + ")$"
 
 
+def _listed(words: list[str] | tuple[str, ...], last: str = "and") -> str:
+    """``a``, ``a and b``, ``a, b and c`` (or ``last`` instead of ``and``)."""
+    return f" {last} ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else words[0]
+
+
+def _types_needing(field: str | None) -> list[str]:
+    """The record types whose records need coordinate field ``field`` (None: neither)."""
+    return [kind for kind in RECORD_TYPES if REQUIRED_COORDINATES.get(kind) == field]
+
+
+#: The coordinate fields some record types need, in the order the description names them.
+_COORDINATE_FIELDS = tuple(dict.fromkeys(REQUIRED_COORDINATES.values()))
+
+
 RECORD: Json = {
     "type": "object",
     "description": (
         "One annotation. Fields the viewer reads may never be `null`; unknown fields are kept "
-        "as they are. A `point` record needs `point`; `polygon` and `linestring` need `points`."
+        "as they are. "
+        + "; ".join(
+            f"{_listed([f'`{kind}`' for kind in _types_needing(field)])} records need `{field}`"
+            for field in _COORDINATE_FIELDS
+        )
+        + "."
     ),
     "required": ["id", "type"],
     "properties": {
@@ -116,11 +141,8 @@ RECORD: Json = {
         },
         "type": {
             "type": "string",
-            "description": "point, polygon, linestring, line, axis_aligned_bounding_box or "
-            "ellipsoid, in any letter case.",
-            "pattern": _any_case(
-                "point", "polygon", "linestring", "line", "axis_aligned_bounding_box", "ellipsoid"
-            ),
+            "description": f"{_listed(RECORD_TYPES, 'or')}, in any letter case.",
+            "pattern": _any_case(*RECORD_TYPES),
         },
         "point": TRIPLE,
         "points": {"type": "array", "items": TRIPLE},
@@ -133,16 +155,14 @@ RECORD: Json = {
     },
     "additionalProperties": True,
     "anyOf": [
-        {"properties": {"type": {"pattern": _any_case("point")}}, "required": ["point"]},
-        {
-            "properties": {"type": {"pattern": _any_case("polygon", "linestring")}},
-            "required": ["points"],
-        },
-        {
-            "properties": {
-                "type": {"pattern": _any_case("line", "axis_aligned_bounding_box", "ellipsoid")}
+        *(
+            {
+                "properties": {"type": {"pattern": _any_case(*_types_needing(field))}},
+                "required": [field],
             }
-        },
+            for field in _COORDINATE_FIELDS
+        ),
+        {"properties": {"type": {"pattern": _any_case(*_types_needing(None))}}},
     ],
     "example": {
         "point": [1021.5, 388.25, 117],
@@ -218,8 +238,8 @@ COMPONENTS: Json = {
             "`.json` (`fibers.json`, `centroids.json`, `z-0117.json`, ...).",
             "schema": {
                 "type": "string",
-                "pattern": r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.json$",
-                "maxLength": 230,
+                "pattern": f"^{ANNOTATION_NAME_FORM}$",
+                "maxLength": MAX_ANNOTATION_NAME,
             },
             "example": "fibers.json",
         },

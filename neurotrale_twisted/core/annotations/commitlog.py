@@ -8,8 +8,8 @@ if a newer entry appeared meanwhile. Replaced contents become versions after the
 relies only on ``link``'s ``EEXIST`` and ``rename``'s atomic replacement, which every POSIX
 filesystem's server decides for all its clients, never on ``fcntl`` locks being global.
 
-Everything is reached through :mod:`.rootfs` directory handles; nothing here follows a link.
-Pure Python and blocking.
+Everything is reached through :mod:`neurotrale_twisted.core.rootfs` directory handles;
+nothing here follows a link. Pure Python and blocking.
 """
 
 from __future__ import annotations
