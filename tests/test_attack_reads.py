@@ -395,3 +395,46 @@ async def test_a_tiff_claiming_huge_strips_is_refused_before_they_are_read(
     document = json.loads(content)
     assert "strips/1_1_1/0-8_0-8_0-2.tiff" in document["error"], document
     assert "too many" in document["error"] and str(data_root) not in document["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreadable_annotation_places_are_403s(
+    serve: Callable[..., RunningServer], data_root: Path
+) -> None:
+    """chmod 000 on an annotation's dataset, its ``annotations`` folder, its block or the file
+    itself: reading it is a JSON 403 with no path, as for a chunk (not a 500); a write is a
+    JSON 500 (the server's setup is at fault, as ``test_disk_failures`` holds), with no path,
+    and nothing is written."""
+    demo = data_root / "demo-brain"
+    places = {
+        "locked": data_root / "locked",
+        "noannotations": data_root / "noannotations" / "annotations",
+        "noblock": data_root / "noblock" / "annotations" / "x0y0z0",
+        "nofile": data_root / "nofile" / "annotations" / "x0y0z0" / "fibers.json",
+    }
+    for name in places:
+        shutil.copytree(demo, data_root / name)
+    before = {name: sorted(p.name for p in (data_root / name).rglob("*")) for name in places}
+    for path in places.values():
+        path.chmod(0)
+    server = serve(data_root)
+    try:
+        with unprivileged():
+            ok = await treq.get(f"{server.url}/demo-brain/annotations/x0y0z0/fibers.json")
+            assert ok.code == 200
+            for name in places:
+                url = f"{server.url}/{name}/annotations/x0y0z0/fibers.json"
+                for method, body in (("GET", None), ("PUT", b"[]"), ("DELETE", None)):
+                    query = "" if method != "DELETE" else "?id=x"
+                    response = await treq.request(method, url + query, data=body)
+                    document = json.loads(await treq.content(response))
+                    expected = 403 if method == "GET" else 500
+                    assert response.code == expected, (name, method, document)
+                    assert document == {"error": document["error"], "status": expected}
+                    assert str(data_root) not in document["error"]
+    finally:
+        for path in places.values():
+            path.chmod(0o755)
+    (places["nofile"]).chmod(0o644)
+    after = {name: sorted(p.name for p in (data_root / name).rglob("*")) for name in places}
+    assert after == before

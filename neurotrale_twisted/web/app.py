@@ -607,20 +607,26 @@ class Neurotrale:
     @app.handle_errors(Exception)
     def error(self, request: IRequest, failure: Failure) -> bytes:
         """Any error of a route, as JSON, with the status ``responses.error_status`` gives it:
-        a core error with its message, no route for this path or method (404, 405), and
-        anything else, which is our bug, logged whole and answered a plain 500."""
+        a core error with its message, no route for this path or method (404, 405), a file
+        the server's user may not reach (403, the path in the log only), and anything else,
+        which is our bug, logged whole and answered a plain 500."""
         error = failure.value
         assert error is not None  # a Failure always holds its exception
         status = error_status(error)
         if isinstance(error, HTTPException):
             return self._routing_error(request, error, status)
         method, uri = request.method.decode("latin-1"), request.uri.decode("latin-1")
+        if isinstance(error, PermissionError):
+            log.warn("{method} {uri}: {error}", method=method, uri=uri, error=error)
+            return error_response(request, status, "the server may not read or write this")
         if not isinstance(error, DomainError):
             log.failure("{method} {uri} failed", failure, method=method, uri=uri)
             return error_response(request, status, "internal server error")
-        if status >= 500:
+        if status >= 500 or error.detail is not None:
+            # The operator's side of it: for a 403 of permissions too, the path and the errno.
             message = error.message if error.detail is None else f"{error.message} ({error.detail})"
-            log.error("{method} {uri}: {message}", method=method, uri=uri, message=message)
+            emit = log.error if status >= 500 else log.warn
+            emit("{method} {uri}: {message}", method=method, uri=uri, message=message)
         # Paths under the root become relative to it (error_response drops any other).
         message = error.message.replace(str(self.root.root).rstrip(os.sep) + os.sep, "")
         return error_response(request, status, message)

@@ -56,9 +56,13 @@ def without_absolute_paths(message: str) -> str:
 
 
 def error_status(error: BaseException) -> int:
-    """The status code of the answer to ``error``."""
+    """The status code of the answer to ``error``: a core error's own, 403 for a file the
+    server's user may not reach (whatever part of the code met it), 404 or 405 for a request
+    no route takes, else 500."""
     if isinstance(error, DomainError):
         return error.status
+    if isinstance(error, PermissionError):
+        return http.FORBIDDEN
     if isinstance(error, HTTPException):
         return error.code or http.INTERNAL_SERVER_ERROR
     return http.INTERNAL_SERVER_ERROR

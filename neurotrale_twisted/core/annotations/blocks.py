@@ -48,7 +48,7 @@ def locate(root: DataRoot, dataset: Path, block: str, name: str, *, for_write: b
     """
     segments = segments_of(root, dataset, for_write=for_write)
     with (
-        disk_errors(root, "/".join(segments)),
+        disk_errors(root, "/".join(segments), reading=not for_write),
         open_dataset(root, segments, for_write=for_write) as directory,
     ):
         if not ANNOTATION_NAME.match(name):

@@ -127,8 +127,11 @@ def check_place(root: DataRoot, segments: list[str], block: str, held: Directory
 
 
 @contextlib.contextmanager
-def disk_errors(root: DataRoot, where: str) -> Iterator[None]:
-    """Turn an ``OSError`` into :class:`StorageFull` (507) or :class:`ServerError` (500).
+def disk_errors(root: DataRoot, where: str, *, reading: bool = False) -> Iterator[None]:
+    """Turn an ``OSError`` into :class:`StorageFull` (507), :class:`Forbidden` (403: a read
+    of what the server's user may not read, as a static server answers it) or
+    :class:`ServerError` (500: anything else, a write the server may not make included: the
+    server's configuration is at fault, not the client).
 
     The client's message names ``where`` (relative to the data root), never an absolute
     path; the log gets the absolute one and the system's message.
@@ -143,4 +146,6 @@ def disk_errors(root: DataRoot, where: str) -> Iterator[None]:
                 "nothing was changed",
                 detail=detail,
             ) from e
+        if reading and e.errno in (errno.EACCES, errno.EPERM):
+            raise Forbidden(f"the server may not read {where}", detail=detail) from e
         raise ServerError(f"cannot access {where}: {e.strerror or e}", detail=detail) from e

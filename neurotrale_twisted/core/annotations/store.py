@@ -143,7 +143,7 @@ class AnnotationStore:
         segments, block, name = file_parts(self.root, path, for_write=False)
         where = "/".join([*segments, "annotations", block, name])
         with (
-            disk_errors(self.root, where),
+            disk_errors(self.root, where, reading=True),
             open_block_for_read(self.root, segments, block) as directory,
             History(
                 directory,
