@@ -378,11 +378,6 @@ store.patch(path, b'{"id": "slow", "type": "point", "point": [1, 2, 3]}', None)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known hole: a copy published by a writer stalled for more than 8 commits whose "
-    "entry was trimmed meanwhile is taken for an edit made on disk",
-)
 def test_a_writer_stalled_past_the_kept_log_publishes_late_and_dies(
     start: Callable[..., Twistd], data_root: Path, tmp_path: Path
 ) -> None:

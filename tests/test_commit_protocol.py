@@ -70,6 +70,52 @@ def test_a_slow_writer_publishing_an_older_commit_loses_nothing(tmp_path: Path) 
     assert [v["version"] for v in site.store.versions(path)] == [3, 2, 1]
 
 
+@pytest.mark.parametrize("keep_versions", [0, 3])
+def test_a_copy_of_an_entry_trimmed_long_ago_is_still_behind(
+    tmp_path: Path, keep_versions: int
+) -> None:
+    """A slow writer's copy of entry 2 published after 20 more commits, when entry 2 is
+    gone from the log and the versions: its mark says it is the server's copy, so the
+    head is served and built on, not the stale copy taken for an edit made on disk."""
+    site = Site(tmp_path, keep_versions=keep_versions)
+    path = site.locate("x0y0z0", write=True)
+    site.store.patch(path, canonical(point("r0")), None)
+    site.store.patch(path, canonical(point("r1")), None)
+    stale = path.parent / ".stale"
+    stale.write_bytes(entry(path, 2).read_bytes())
+    status = entry(path, 2).stat()
+    os.utime(stale, ns=(status.st_mtime_ns, status.st_mtime_ns))  # as _publish_copy does
+    for i in range(2, 22):
+        site.store.patch(path, canonical(point(f"r{i}")), None)
+    assert not entry(path, 2).exists()
+    assert not (path.parent / ".versions" / path.name / "2.json").exists()
+    os.rename(stale, path)
+    wanted = [f"r{i}" for i in range(22)]
+    assert [r["id"] for r in json.loads(site.store.read(path).content)] == wanted
+    site.store.patch(path, canonical(point("r22")), None)
+    assert [r["id"] for r in json.loads(path.read_bytes())] == [*wanted, "r22"]
+
+
+def test_marks_of_trimmed_entries_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One mark per trimmed entry, and none more than MARKS_KEEP behind the head once the
+    head passes a multiple of MARKS_TRIM_EVERY."""
+    monkeypatch.setattr(commitlog, "MARKS_KEEP", 10)
+    monkeypatch.setattr(commitlog, "MARKS_TRIM_EVERY", 5)
+    site = Site(tmp_path, keep_versions=2)
+    path = site.locate("x0y0z0", write=True)
+    for i in range(40):
+        site.store.patch(path, canonical(point(f"r{i}")), None)
+    marks = path.parent / ".log" / path.name / commitlog.MARKS_DIR
+    numbers = sorted(int(name.split("-")[0]) for name in os.listdir(marks))
+    # Head 40: the versions keep 38 and 39, so 1..37 were trimmed and marked; the marks
+    # below 40 - 10 went when the head reached 40.
+    assert numbers == list(range(30, 38))
+    for name in os.listdir(marks):
+        assert commitlog.MARK.match(name) and (marks / name).stat().st_size == 0
+
+
 def test_an_edit_made_by_hand_is_kept_and_so_is_what_it_replaced(tmp_path: Path) -> None:
     site = Site(tmp_path)
     path = site.locate("x0y0z0", write=True)

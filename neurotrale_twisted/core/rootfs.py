@@ -436,6 +436,21 @@ class Directory:
             raise
         os.close(fd)
 
+    def create_empty(self, name: str, mode: int = 0o664) -> None:
+        """Create the empty file ``name``; ``FileExistsError`` if the name exists in any form.
+
+        Not fsynced: it holds nothing; :meth:`sync` of this directory makes the name durable.
+        """
+        _check_name(name)
+        os.close(
+            os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=self.fd,
+            )
+        )
+
     def write_temporary(self, content: bytes, purpose: str = "", mode: int = 0o664) -> str:
         """Write ``content`` durably to a new temporary (dot-)file here; return its name."""
         while True:

@@ -46,6 +46,17 @@ ENTRY = re.compile(r"^([1-9][0-9]{0,17})\.json\Z")
 #: Log entries kept behind the head (besides the versions): enough to tell a published copy
 #: that a slow writer left behind from a foreign edit (see the protocol's last section).
 LOG_KEEP = 8
+#: The directory, in a file's log directory, of the marks of trimmed entries: an empty file
+#: ``N-SIZE-MTIME_NS`` for each entry trimmed from the log or the versions, so that a copy
+#: of it that a stalled writer publishes long after is still known for the server's copy.
+MARKS_DIR = "trimmed"
+#: A mark: the entry's number, size and mtime (nanoseconds).
+MARK = re.compile(r"^([1-9][0-9]{0,17})-([0-9]{1,20})-([0-9]{1,20})\Z")
+#: Marks kept behind the head: a writer stalled for fewer commits than this before
+#: publishing can still be told from an edit made on disk (see the protocol's last section).
+MARKS_KEEP = 4096
+#: Marks older than :data:`MARKS_KEEP` are removed at each head that is a multiple of this.
+MARKS_TRIM_EVERY = 64
 #: Commit attempts before a write gives up with 503 (each lost race is another writer's win).
 MAX_ATTEMPTS = 64
 #: How often a writer republishes a newer head that appeared while it published.
@@ -406,14 +417,29 @@ class History:
 
     def _copied_entry(self, status: os.stat_result) -> int | None:
         """The number of the log entry or version that a file with ``status`` is the server's
-        copy of (same size and mtime), or None; nothing is read."""
+        copy of (same size and mtime), or None; nothing is read. An entry trimmed since counts
+        too, by its mark (:data:`MARKS_DIR`)."""
         for directory in (self.log, self.versions):
             for number in entry_numbers(directory):
                 assert directory is not None
                 other = directory.lstat(f"{number}.json")
                 if other is not None and _same_copy(status, other):
                     return number
+        wanted = (status.st_size, status.st_mtime_ns)
+        for number, size, mtime_ns in self._marks():
+            if (size, mtime_ns) == wanted:
+                return number
         return None
+
+    def _marks(self) -> list[tuple[int, int, int]]:
+        """The marks of trimmed entries: (number, size, mtime in nanoseconds) of each."""
+        if self.log is None:
+            return []
+        marks = open_child(self.log, MARKS_DIR, create=False, for_write=self.for_write)
+        if marks is None:
+            return []
+        with marks:
+            return [(int(m[1]), int(m[2]), int(m[3])) for m in map(MARK.match, marks.names()) if m]
 
     def _is_an_entry(self, content: bytes, head: int) -> bool:
         """Whether ``content`` is that of a log entry or a version other than ``head``: a
@@ -622,16 +648,40 @@ class History:
             self.versions.sync()
 
     def _trim(self, head: int) -> None:
+        """Remove the versions beyond ``keep_versions`` and the log entries more than
+        :data:`LOG_KEEP` behind ``head``, each marked (durably) before it goes."""
+        doomed: list[tuple[Directory, int]] = []
         if self.versions is not None:
             older = [n for n in entry_numbers(self.versions) if n < head]
-            for number in older[: max(0, len(older) - self.keep_versions)]:
-                self.versions.remove(f"{number}.json")
+            doomed += [(self.versions, n) for n in older[: max(0, len(older) - self.keep_versions)]]
         if self.log is not None:
             old = [n for n in entry_numbers(self.log) if n < head - LOG_KEEP]
             published = self._published_entry(old)
-            for number in old:
-                if number != published:
-                    self.log.remove(f"{number}.json")
+            doomed += [(self.log, n) for n in old if n != published]
+        if not doomed:
+            return
+        self._mark(doomed, head)
+        for directory, number in doomed:
+            directory.remove(f"{number}.json")
+
+    def _mark(self, doomed: list[tuple[Directory, int]], head: int) -> None:
+        """Leave a mark of each entry about to be trimmed, durably, before it goes; drop the
+        marks more than :data:`MARKS_KEEP` behind ``head`` now and then."""
+        assert self.log is not None
+        marks = self._child(self.log, MARKS_DIR, create=True)
+        assert marks is not None
+        for directory, number in doomed:
+            status = directory.lstat(f"{number}.json")
+            if status is None or not stat.S_ISREG(status.st_mode):
+                continue
+            with contextlib.suppress(FileExistsError):
+                marks.create_empty(f"{number}-{status.st_size}-{status.st_mtime_ns}")
+        marks.sync()
+        if head % MARKS_TRIM_EVERY == 0:
+            for name in marks.names():
+                match = MARK.match(name)
+                if match and int(match[1]) < head - MARKS_KEEP:
+                    marks.remove(name)
 
     def _published_entry(self, numbers: list[int]) -> int | None:
         """Which of log entries ``numbers`` the published copy is a copy of, if any.
