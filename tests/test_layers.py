@@ -210,3 +210,15 @@ def test_every_package_imported_is_declared() -> None:
         and not any(name.startswith(f"{canonical(top)}-") for name in declared)
     )
     assert imported and undeclared == []
+
+
+def test_every_package_is_installed() -> None:
+    """``setup.cfg`` lists every package of the tree: one left out is missing from a wheel
+    (and from the container image) while an editable install hides it."""
+    if not (PACKAGE.parent / "setup.cfg").is_file():
+        pytest.skip("not run from a source tree")
+    parser = configparser.ConfigParser()
+    parser.read(PACKAGE.parent / "setup.cfg")
+    listed = set(parser["options"]["packages"].split())
+    found = {module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()
