@@ -214,6 +214,10 @@ async def test_stray_empty_put_is_undone_from_a_version(
     assert [v["version"] for v in await get_json(await treq.get(url + "?versions"))] == [2, 1]
     assert (await treq.get(url + "?version=99")).code == 404
     assert (await treq.get(url + "?version=abc")).code == 400
+    for query in ("?history&version=abc", "?versions&version=-1"):
+        refused = await treq.get(url + query)
+        assert refused.code == 400, query
+        assert "?version=" in (await get_json(refused))["error"]
     # Versions are out of sight of listings and of the static files.
     listing = await treq.content(await treq.get(server.url + "/demo-brain/annotations/x0y0z0/"))
     assert b".versions" not in listing and b".lock" not in listing

@@ -476,6 +476,7 @@ class Neurotrale:
         """Read, replace, upsert into or delete from one annotation file."""
         method = request.method
         segments = dataset.split("/")
+        version = _version_query(request)  # a bad ?version= is refused with any other query
         if method in (b"GET", b"HEAD") and b"history" in _query_names(request):
             return await self._history_page(request, segments, block, name)
         if method in (b"GET", b"HEAD"):
@@ -531,14 +532,8 @@ class Neurotrale:
         self, request: IRequest, segments: list[str], block: str, name: str
     ) -> bytes:
         store = self.annotations
-        version = _query(request, b"version")
+        version = _version_query(request)
         want_list = b"versions" in _query_names(request)
-        if version is not None and not (
-            version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS
-        ):
-            raise BadRequest(
-                f"?version= must be a positive integer of at most {MAX_VERSION_DIGITS} digits"
-            )
 
         def read() -> Any:
             dataset_dir = self.root.name_of(segments)
@@ -546,7 +541,7 @@ class Neurotrale:
             if want_list:
                 return store.versions(path)
             if version is not None:
-                return store.read_version(path, int(version))
+                return store.read_version(path, version)
             return store.read(path)
 
         result = await self._in_thread(read)
@@ -723,6 +718,18 @@ def _bad_annotation_name(request: IRequest) -> str | None:
 def _header(request: IRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     return None if value is None else value.decode("latin-1")
+
+
+def _version_query(request: IRequest) -> int | None:
+    """``?version=N``, or None; :class:`BadRequest` when it is not a whole number."""
+    version = _query(request, b"version")
+    if version is None:
+        return None
+    if not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
+        raise BadRequest(
+            f"?version= must be a positive integer of at most {MAX_VERSION_DIGITS} digits"
+        )
+    return int(version)
 
 
 def _query_names(request: IRequest) -> set[bytes]:
