@@ -476,7 +476,7 @@ class Neurotrale:
         """Read, replace, upsert into or delete from one annotation file."""
         method = request.method
         segments = dataset.split("/")
-        version = _version_query(request)  # a bad ?version= is refused with any other query
+        _version_query(request)  # a bad ?version= is refused whatever else the query says
         if method in (b"GET", b"HEAD") and b"history" in _query_names(request):
             return await self._history_page(request, segments, block, name)
         if method in (b"GET", b"HEAD"):
