@@ -99,8 +99,8 @@ def test_a_copy_of_an_entry_trimmed_long_ago_is_still_behind(
 def test_marks_of_trimmed_entries_are_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One mark per trimmed entry, and none more than MARKS_KEEP behind the head once the
-    head passes a multiple of MARKS_TRIM_EVERY."""
+    """One mark per entry trimmed from the log, and none more than MARKS_KEEP behind the head
+    once the head passes a multiple of MARKS_TRIM_EVERY."""
     monkeypatch.setattr(commitlog, "MARKS_KEEP", 10)
     monkeypatch.setattr(commitlog, "MARKS_TRIM_EVERY", 5)
     site = Site(tmp_path, keep_versions=2)
@@ -109,9 +109,9 @@ def test_marks_of_trimmed_entries_are_bounded(
         site.store.patch(path, canonical(point(f"r{i}")), None)
     marks = path.parent / ".log" / path.name / commitlog.MARKS_DIR
     numbers = sorted(int(name.split("-")[0]) for name in os.listdir(marks))
-    # Head 40: the versions keep 38 and 39, so 1..37 were trimmed and marked; the marks
-    # below 40 - 10 went when the head reached 40.
-    assert numbers == list(range(30, 38))
+    # Head 40: the log keeps 32..40 (the versions 38 and 39, links of two of them), so 1..31
+    # were trimmed and marked; the marks below 40 - 10 went when the head reached 40.
+    assert numbers == list(range(30, 32))
     for name in os.listdir(marks):
         assert commitlog.MARK.match(name) and (marks / name).stat().st_size == 0
 

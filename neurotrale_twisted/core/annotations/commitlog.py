@@ -648,35 +648,43 @@ class History:
             self.versions.sync()
 
     def _trim(self, head: int) -> None:
-        """Remove the versions beyond ``keep_versions`` and the log entries more than
-        :data:`LOG_KEEP` behind ``head``, each marked (durably) before it goes."""
-        doomed: list[tuple[Directory, int]] = []
+        """Remove the versions beyond ``keep_versions``, and the log entries more than
+        :data:`LOG_KEEP` behind ``head``, each of these marked before it goes.
+
+        A version is a link of its log entry (same size and mtime): the entry's mark, made
+        when the log lets it go, serves for both, whichever goes first.
+        """
         if self.versions is not None:
             older = [n for n in entry_numbers(self.versions) if n < head]
-            doomed += [(self.versions, n) for n in older[: max(0, len(older) - self.keep_versions)]]
+            for number in older[: max(0, len(older) - self.keep_versions)]:
+                self.versions.remove(f"{number}.json")
         if self.log is not None:
             old = [n for n in entry_numbers(self.log) if n < head - LOG_KEEP]
             published = self._published_entry(old)
-            doomed += [(self.log, n) for n in old if n != published]
-        if not doomed:
-            return
-        self._mark(doomed, head)
-        for directory, number in doomed:
-            directory.remove(f"{number}.json")
+            doomed = [n for n in old if n != published]
+            if doomed:
+                self._mark(doomed, head)
+            for number in doomed:
+                self.log.remove(f"{number}.json")
 
-    def _mark(self, doomed: list[tuple[Directory, int]], head: int) -> None:
-        """Leave a mark of each entry about to be trimmed, durably, before it goes; drop the
-        marks more than :data:`MARKS_KEEP` behind ``head`` now and then."""
+    def _mark(self, doomed: list[int], head: int) -> None:
+        """Leave a mark of each log entry in ``doomed`` before it goes; drop the marks more
+        than :data:`MARKS_KEEP` behind ``head`` now and then.
+
+        Not fsynced (it would cost every commit an fsync more): a file system orders a
+        create before the removal that follows it (a journal, an NFS server's sync
+        operations), and a mark lost to a power cut only reopens the stalled-writer case for
+        that one entry.
+        """
         assert self.log is not None
         marks = self._child(self.log, MARKS_DIR, create=True)
         assert marks is not None
-        for directory, number in doomed:
-            status = directory.lstat(f"{number}.json")
+        for number in doomed:
+            status = self.log.lstat(f"{number}.json")
             if status is None or not stat.S_ISREG(status.st_mode):
                 continue
             with contextlib.suppress(FileExistsError):
                 marks.create_empty(f"{number}-{status.st_size}-{status.st_mtime_ns}")
-        marks.sync()
         if head % MARKS_TRIM_EVERY == 0:
             for name in marks.names():
                 match = MARK.match(name)
