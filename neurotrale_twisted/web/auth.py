@@ -19,6 +19,7 @@ from typing import Any
 import bcrypt
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -27,7 +28,7 @@ from twisted.web.guard import BasicCredentialFactory
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.util import DeferredResource
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from neurotrale_twisted.web.responses import JsonErrorResource, error_response
 
@@ -97,7 +98,7 @@ class HtpasswdChecker:
             self._verified.clear()
         return self._entries
 
-    def requestAvatarId(self, creds: Any) -> Deferred[bytes | tuple[()]]:
+    def requestAvatarId(self, creds: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
         """The user name, once the password matches its entry; ``UnauthorizedLogin`` else."""
         try:
             stored = self._entries_now().get(creds.username)
@@ -163,7 +164,9 @@ class RoutesRealm:
     def __init__(self, routes: IResource) -> None:
         self.routes = routes
 
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+    def requestAvatar(
+        self, avatar_id: bytes | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> tuple[type[Interface], IResource, Callable[[], None]]:
         """The routes, as an ``IResource`` avatar."""
         if IResource not in interfaces:
             raise NotImplementedError("only IResource avatars")
@@ -190,35 +193,41 @@ class WritePolicy:
         self.auth_reads = auth_reads
         self._basic = BasicCredentialFactory(self.realm_name)
 
-    def render(self, request: IRequest, routes: IResource) -> Any:
+    def render(self, request: IRequest, routes: IResource) -> bytes | int:
         """Render ``request`` through ``routes`` if the policy lets it through."""
         writing = request.method not in READ_METHODS
         if writing and self.read_only:
             return error_response(request, 403, "this server is read-only")
         public = not writing and tuple(request.postpath) in PUBLIC_PATHS
         if self.portal is None or public or not (writing or self.auth_reads):
-            return routes.render(request)
+            return _render(routes, request)
         header = request.getHeader(b"authorization") or b""
         scheme, _, response = header.partition(b" ")
         if scheme.lower() != b"basic":
-            return self._challenge("credentials are required").render(request)
+            return _render(self._challenge("credentials are required"), request)
         try:
             creds = self._basic.decode(response.strip(), request)
         except error.LoginFailed:
-            return self._challenge("malformed Basic credentials").render(request)
+            return _render(self._challenge("malformed Basic credentials"), request)
         login = self.portal.login(creds, None, IResource)
 
-        def granted(result: tuple[Any, IResource, Any]) -> IResource:
+        def granted(result: tuple[type[Interface], IResource, Callable[[], None]]) -> IResource:
             return result[1]
 
         def refused(failure: Failure) -> IResource:
             failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
             return self._challenge("the credentials were refused")
 
-        return DeferredResource(login.addCallbacks(granted, refused)).render(request)
+        return _render(DeferredResource(login.addCallbacks(granted, refused)), request)
 
     def _challenge(self, message: str) -> IResource:
         return ChallengeResource(self.realm_name, message)
+
+
+def _render(resource: IResource, request: IRequest) -> bytes | int:
+    """``resource.render(request)``: a body, or ``NOT_DONE_YET`` (Twisted leaves it untyped)."""
+    answer: bytes | int = resource.render(request)
+    return answer
 
 
 class ChallengeResource(JsonErrorResource):

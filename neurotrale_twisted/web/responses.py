@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
@@ -159,7 +158,7 @@ class BodyResource(Resource):
         super().__init__()
         self.body = body
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: IRequest) -> bytes | int:
         """Send the body (the handler has set the status and the other headers)."""
         request.setHeader(b"content-length", b"%d" % len(self.body))
         if request.method == b"HEAD":

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
@@ -36,7 +36,7 @@ WORKER_HEADER = b"x-neurotrale-worker"
 class _ForwardedRequest:
     """A request seen through a trusted proxy: the client is the address the proxy forwarded."""
 
-    def __init__(self, request: Any, client: IAddress) -> None:
+    def __init__(self, request: IRequest, client: IAddress) -> None:
         self._request = request
         self._client = client
 
@@ -97,16 +97,16 @@ class ServingSite(NeurotraleSite):
         self.metrics = metrics
         self.worker = worker
         #: Requests being answered now.
-        self.active: set[Any] = set()
+        self.active: set[server.Request] = set()
         #: The connections requests came on, while they are open.
-        self.channels: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.channels: weakref.WeakSet[http.HTTPChannel] = weakref.WeakSet()
         self.draining = False
 
     def logPrefix(self) -> str:
         """The name in log lines such as "NeurotraleSite starting on 9000"."""
         return "NeurotraleSite"
 
-    def getResourceFor(self, request: Any) -> Any:
+    def getResourceFor(self, request: server.Request) -> IResource:
         """Start measuring ``request`` and tag its answer, then find its resource."""
         started = self.reactor.seconds()
         route = route_of(request.path)
@@ -132,7 +132,8 @@ class ServingSite(NeurotraleSite):
                 return None  # the client went away; nothing more to say
 
         request.notifyFinish().addBoth(done)
-        return super().getResourceFor(request)
+        resource: IResource = super().getResourceFor(request)
+        return resource
 
     def drain(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
         """Fire once the requests in flight are answered and sent (or ``timeout`` seconds passed).
@@ -172,7 +173,7 @@ class ServingSite(NeurotraleSite):
         return finished
 
 
-def _is_open(channel: Any) -> bool:
+def _is_open(channel: http.HTTPChannel) -> bool:
     """Whether the connection of ``channel`` is still open (through a TLS wrapper too)."""
     transport = getattr(channel, "transport", None)
     while transport is not None and hasattr(transport, "wrappedProtocol"):
@@ -180,7 +181,7 @@ def _is_open(channel: Any) -> bool:
     return transport is not None and not getattr(transport, "disconnected", True)
 
 
-def _close_after(request: Any) -> None:
+def _close_after(request: server.Request) -> None:
     """Close the connection of ``request`` once it is answered (no keep-alive)."""
     channel = getattr(request, "channel", None)
     if channel is not None and hasattr(channel, "persistent"):

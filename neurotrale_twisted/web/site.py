@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -54,7 +55,7 @@ class HttpSettings:
     max_connections: int | None = None
 
 
-def _settings_of(channel: Any) -> HttpSettings:
+def _settings_of(channel: http.HTTPChannel | None) -> HttpSettings:
     site = getattr(channel, "site", None)
     return getattr(site, "settings", None) or HttpSettings()
 
@@ -174,7 +175,7 @@ class LimitedChannel(http.HTTPChannel):
     counts. The site counts the connection while it is open (``--max-connections``).
     """
 
-    _deadline: Any = None
+    _deadline: IDelayedCall | None = None
     #: Whether the request the deadline is for has sent a byte.
     _begun = False
     #: Whether the deadline is the headers' (else the whole request's).
@@ -280,9 +281,9 @@ def _header_window(settings: HttpSettings) -> float:
     return min(settings.header_timeout, settings.request_timeout)
 
 
-def _site_of(channel: Any) -> NeurotraleSite:
+def _site_of(channel: http.HTTPChannel) -> NeurotraleSite:
     """The site that built ``channel`` (``Site.buildProtocol`` sets it before it connects)."""
-    site: NeurotraleSite = channel.site
+    site: NeurotraleSite = channel.site  # type: ignore[attr-defined]
     return site
 
 
@@ -363,7 +364,7 @@ def fold_slashes(postpath: list[bytes]) -> list[bytes]:
 class AccessPolicy(Protocol):
     """Decides whether a request reaches the routes (see ``auth.WritePolicy``)."""
 
-    def render(self, request: IRequest, routes: IResource) -> Any:
+    def render(self, request: IRequest, routes: IResource) -> bytes | int:
         """Render ``request`` through ``routes``, or refuse it."""
 
 
@@ -386,7 +387,7 @@ class NeurotraleRoot(Resource):
         self.access = access
         self.allowed_methods = allowed_methods
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: IRequest) -> bytes | int:
         """Apply CORS, refuse a faulty request, answer ``OPTIONS``, and hand everything
         else to the routes."""
         self.cors.apply(request)
@@ -410,4 +411,5 @@ class NeurotraleRoot(Resource):
         request.postpath = postpath
         if self.access is not None:
             return self.access.render(request, self.routes)
-        return self.routes.render(request)
+        answer: bytes | int = self.routes.render(request)
+        return answer
