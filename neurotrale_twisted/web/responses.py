@@ -5,7 +5,8 @@ exists, is built by :func:`error_answer`: the JSON ``{"error": message, "status"
 (with no absolute path in the message), its content type and ``Cache-Control: no-store``.
 :func:`error_status` is the one place an exception becomes a status code: a core error
 (``core.errors``) has its own, a ``PermissionError`` met anywhere is a 403, a routing error
-(werkzeug's ``HTTPException``) has its code, and anything else is a 500. Every JSON body is encoded by :func:`json_bytes`.
+(werkzeug's ``HTTPException``) has its code, and anything else is a 500. Every JSON body is
+encoded by :func:`json_bytes`.
 """
 
 from __future__ import annotations
