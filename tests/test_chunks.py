@@ -260,3 +260,57 @@ def test_lru_cache_is_bounded_and_counts() -> None:
     cache.put("huge", b"x" * 11)
     assert cache.get("huge") is None
     assert (cache.hits, cache.misses) == (3, 2)
+
+
+def test_a_chunk_asked_for_while_every_core_compresses_goes_uncompressed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``max_compressing=1`` and one chunk being compressed, another asked for in zstd
+    comes back as it is (identity ETag, told to the observer, nothing kept under zstd); once
+    the first is done, the next asker gets it compressed."""
+    import threading
+
+    from neurotrale_twisted.core import encoding
+
+    write_info(tmp_path, (16, 8, 2))
+    volume = np.arange(2 * 8 * 16, dtype="uint16").reshape(2, 8, 16) % 7
+    write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), volume[:, :, :8])
+    write_chunk(tmp_path, "1_1_1", (8, 16, 0, 8, 0, 2), volume[:, :, 8:])
+    started, release = threading.Event(), threading.Event()
+    real = encoding.compress
+
+    def slow(body: bytes, coding: str) -> bytes:
+        started.set()
+        assert release.wait(10)
+        return real(body, coding)
+
+    monkeypatch.setattr(encoding, "compress", slow)
+    skipped: list[bool] = []
+
+    class Observer:
+        def chunk_decoded(self, seconds: float) -> None:
+            pass
+
+        def chunk_cache(self, hit: bool) -> None:
+            pass
+
+        def chunk_uncompressed(self) -> None:
+            skipped.append(True)
+
+    source = ChunkSource(DataRoot(tmp_path), observer=Observer(), max_compressing=1)
+    first, second = ChunkName(0, 8, 0, 8, 0, 2), ChunkName(8, 16, 0, 8, 0, 2)
+    answers: list[object] = []
+    busy = threading.Thread(
+        target=lambda: answers.append(source.respond([], "1_1_1", first, "zstd"))
+    )
+    busy.start()
+    assert started.wait(10)
+    plain = source.respond([], "1_1_1", second, "zstd")
+    assert plain.coding is None and plain.body == volume[:, :, 8:].astype("<u2").tobytes()
+    assert not plain.etag.endswith('-zstd"') and skipped == [True]
+    release.set()
+    busy.join(10)
+    assert answers[0].coding == "zstd"
+    again = source.respond([], "1_1_1", second, "zstd")
+    assert again.coding == "zstd" and again.etag.endswith('-zstd"') and skipped == [True]
+    assert zstandard.ZstdDecompressor().decompress(again.body) == plain.body
