@@ -115,15 +115,6 @@ class Options(usage.Options):
         ["keep-versions", None, 20, "Earlier versions kept per annotation file.", _at_least(0)],
         ["max-body", None, 64, "Largest request body accepted, in MiB.", _positive],
         ["cache-mb", None, 32, "Memory for cached chunk answers, MiB per process.", _at_least(0)],
-        [
-            "max-compressing",
-            None,
-            None,
-            "Chunks compressed at once per process; one asked for while as many are being "
-            "compressed is sent uncompressed (0: no limit) [default: usable CPUs, "
-            f"{usable_cpus()} here].",
-            _at_least(0),
-        ],
         ["max-header-kb", None, 16, "Largest request line plus headers, in KiB.", _positive],
         ["request-timeout", None, 60, "Seconds a client has to send a whole request.", _positive],
         ["idle-timeout", None, 60, "Seconds an idle keep-alive connection stays open.", _positive],
@@ -237,5 +228,3 @@ class Options(usage.Options):
             self["workers"] = usable_cpus()
         if self["threads"] is None:
             self["threads"] = default_threads()
-        if self["max-compressing"] is None:
-            self["max-compressing"] = usable_cpus()

@@ -219,7 +219,6 @@ def makeService(
         cors=cors,
         metrics=metrics,
         cache_bytes=options["cache-mb"] * 1024 * 1024,
-        max_compressing=options["max-compressing"] or None,
         read_only=bool(options["read-only"]),
         htpasswd=options["htpasswd"],
         auth_reads=bool(options["auth-reads"]),

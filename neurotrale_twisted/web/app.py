@@ -329,7 +329,6 @@ class Neurotrale:
         read_only: bool = False,
         htpasswd: str | None = None,
         auth_reads: bool = False,
-        max_compressing: int | None = None,
     ) -> None:
         self.read_only = read_only
         self.htpasswd = htpasswd
@@ -338,9 +337,7 @@ class Neurotrale:
         self.pool = pool
         self.reactor = reactor
         self.metrics = metrics or ServerMetrics()
-        self.chunks = ChunkSource(
-            root, cache_bytes=cache_bytes, observer=self.metrics, max_compressing=max_compressing
-        )
+        self.chunks = ChunkSource(root, cache_bytes=cache_bytes, observer=self.metrics)
         self.annotations = AnnotationStore(
             root, keep_versions=keep_versions, on_retry=self.metrics.commit_retried
         )

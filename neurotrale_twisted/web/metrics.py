@@ -77,7 +77,6 @@ class _Instruments:
     decode: Histogram
     cache_hits: Counter
     cache_misses: Counter
-    uncompressed: Counter
     worker_restarts: Counter
     commit_retries: Counter
 
@@ -123,12 +122,6 @@ def _instruments(registry: CollectorRegistry | None) -> _Instruments:
         cache_misses=Counter(
             "neurotrale_chunk_cache_misses",
             "Chunks looked up in the chunk cache and not found there.",
-            registry=registry,
-        ),
-        uncompressed=Counter(
-            "neurotrale_chunks_sent_uncompressed",
-            "Chunks the client would take compressed that were sent as they are: as many as "
-            "--max-compressing were being compressed.",
             registry=registry,
         ),
         worker_restarts=Counter(
@@ -195,10 +188,6 @@ class ServerMetrics:
     def chunk_cache(self, hit: bool) -> None:
         """Count one lookup in the chunk response cache that hit (True) or missed (False)."""
         (self._m.cache_hits if hit else self._m.cache_misses).inc()
-
-    def chunk_uncompressed(self) -> None:
-        """Count one chunk sent uncompressed because every core was busy compressing."""
-        self._m.uncompressed.inc()
 
     def worker_restarted(self) -> None:
         """A worker process exited while the server ran (counted by the parent process)."""

@@ -19,7 +19,7 @@ from neurotrale_twisted.core.cache import LruCache
 from neurotrale_twisted.core.chunks.info import InfoCache, ScaleFormat, scale_format
 from neurotrale_twisted.core.chunks.names import ChunkName
 from neurotrale_twisted.core.chunks.tiff import RawLayout, decode_tiff, read_layout
-from neurotrale_twisted.core.encoding import CompressionLimit
+from neurotrale_twisted.core.encoding import encode_body
 from neurotrale_twisted.core.errors import ServerError
 from neurotrale_twisted.core.imagery import ImageFile, Imagery, RootImagery
 from neurotrale_twisted.core.paths import DataRoot
@@ -50,10 +50,6 @@ class ChunkObserver(Protocol):
     def chunk_cache(self, hit: bool) -> None:
         """An answer was looked up in the response cache: found (True) or not."""
 
-    def chunk_uncompressed(self) -> None:
-        """A chunk the client would take compressed was sent as it is: every core was busy
-        compressing others."""
-
 
 class ChunkSource:
     """Finds, decodes, compresses and caches the chunks of the datasets of one store.
@@ -70,12 +66,9 @@ class ChunkSource:
         store: DataRoot | Imagery,
         cache_bytes: int = 32 * 1024 * 1024,
         observer: ChunkObserver | None = None,
-        max_compressing: int | None = None,
     ) -> None:
         self.imagery: Imagery = RootImagery(store) if isinstance(store, DataRoot) else store
         self.observer = observer
-        #: Bodies compressed at once at most (None: no limit); see :class:`CompressionLimit`.
-        self.compression = CompressionLimit(max_compressing)
         self.infos = InfoCache()
         self.responses: LruCache[tuple[bytes, str | None]] = LruCache(
             cache_bytes, lambda entry: len(entry[0]) + 200
@@ -139,16 +132,8 @@ class ChunkSource:
             raw_body = raw[0] if raw is not None else self._timed_raw(file, name, fmt)
             if raw is None and coding is not None:
                 self.responses.put((*version, None), (raw_body, None))
-            encoded = self.compression.encode(raw_body, coding)
-            if encoded is None:
-                # Every core is compressing: this one goes as it is, and the next asker of
-                # this coding gets it compressed (nothing is kept under the coding).
-                if self.observer is not None:
-                    self.observer.chunk_uncompressed()
-                cached = (raw_body, None)
-            else:
-                cached = encoded
-                self.responses.put((*version, coding), cached)
+            cached = encode_body(raw_body, coding)
+            self.responses.put((*version, coding), cached)
         body, used = cached
         return ChunkResponse(body, used, tagged(etag, used), file.modified)
 
