@@ -118,3 +118,27 @@ def test_workers_and_trust_proxy(tmp_path: Path) -> None:
     listener = next(s for s in services if isinstance(s, internet.StreamServerEndpointService))
     assert isinstance(listener.factory, ServingSite)
     assert listener.factory._logFormatter is not trusted_proxy_log_formatter
+
+
+def test_what_the_core_logs_reaches_the_servers_log(
+    tmp_path: Path, logged: list[dict[str, object]]
+) -> None:
+    """The core logs through the standard library (it knows nothing of Twisted); once the
+    service is built, its warnings are Twisted log events in the core module's namespace,
+    written where the server's own lines are."""
+    import logging
+
+    from twisted.logger import LogLevel, formatEvent
+
+    makeService(parse("--path", str(tmp_path), "--workers", "1"), reactor)
+    logging.getLogger("neurotrale_twisted.core.annotations.commitlog").warning(
+        "went on without the lock of a file after %s s", 10.0
+    )
+    events = [e for e in logged if e.get("log_namespace", "").startswith("neurotrale_twisted.core")]
+    assert [(e["log_namespace"], e["log_level"], formatEvent(e)) for e in events] == [
+        (
+            "neurotrale_twisted.core.annotations.commitlog",
+            LogLevel.warn,
+            "went on without the lock of a file after 10.0 s",
+        )
+    ]
