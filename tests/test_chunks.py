@@ -260,3 +260,78 @@ def test_lru_cache_is_bounded_and_counts() -> None:
     cache.put("huge", b"x" * 11)
     assert cache.get("huge") is None
     assert (cache.hits, cache.misses) == (3, 2)
+
+
+def test_a_store_of_imagery_is_one_class_of_three_methods(tmp_path: Path) -> None:
+    """An image store other than the data root (here: files held in memory, as an object
+    store's would be) is the ``Imagery`` interface alone: ChunkSource serves from it, with
+    its ETag, and decodes and caches as it does from disk."""
+    import io
+    from collections.abc import Sequence
+
+    from neurotrale_twisted.core.imagery import ImageFile
+
+    write_info(tmp_path, (8, 8, 2))
+    volume = np.arange(2 * 8 * 8, dtype="uint16").reshape(2, 8, 8)
+    chunk = write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), volume, compression="zlib")
+    objects = {
+        "ds/info": (tmp_path / "info").read_bytes(),
+        "ds/1_1_1/0-8_0-8_0-2": chunk.read_bytes(),
+    }
+    opened: list[str] = []
+
+    class MemoryFile:
+        def __init__(self, key: str) -> None:
+            self.label, self.data = f"memory:{key}", objects[key]
+            opened.append(key)
+
+        identity = property(lambda self: (self.label, len(self.data)))
+        etag = property(lambda self: f'"{len(self.data)}"')
+        modified = property(lambda self: 0.0)
+        size = property(lambda self: len(self.data))
+
+        def read_range(self, offset: int, size: int) -> bytes:
+            return self.data[offset : offset + size]
+
+        def stream(self) -> io.BytesIO:
+            return io.BytesIO(self.data)
+
+        def close(self) -> None:
+            pass
+
+    class MemoryDataset:
+        def __init__(self, segments: Sequence[str]) -> None:
+            self.relative = "/".join(segments)
+
+        def open_info(self) -> ImageFile:
+            if f"{self.relative}/info" not in objects:
+                raise NotFound("no such dataset")
+            return MemoryFile(f"{self.relative}/info")
+
+        def open_chunk(self, key: str, stem: str) -> ImageFile:
+            if f"{self.relative}/{key}/{stem}" not in objects:
+                raise NotFound(f"no chunk {stem}")
+            return MemoryFile(f"{self.relative}/{key}/{stem}")
+
+        def close(self) -> None:
+            pass
+
+    class MemoryImagery:
+        def open_dataset(self, segments: Sequence[str]) -> MemoryDataset:
+            return MemoryDataset(segments)
+
+    source = ChunkSource(MemoryImagery())
+    name = ChunkName(0, 8, 0, 8, 0, 2)
+    answer = source.respond(["ds"], "1_1_1", name)
+    assert (
+        answer.body == volume.astype("<u2").tobytes()
+        and answer.etag == f'"{len(objects["ds/1_1_1/0-8_0-8_0-2"])}"'
+    )
+    assert (
+        source.respond(["ds"], "1_1_1", name, None, lambda etag: etag == answer.etag).body is None
+    )
+    with pytest.raises(NotFound):
+        source.respond(["other"], "1_1_1", name)
+    with pytest.raises(NotFound):
+        source.respond(["ds"], "1_1_1", ChunkName(8, 16, 0, 8, 0, 2))
+    assert opened.count(key) == 2
