@@ -274,10 +274,8 @@ def test_a_store_of_imagery_is_one_class_of_three_methods(tmp_path: Path) -> Non
     write_info(tmp_path, (8, 8, 2))
     volume = np.arange(2 * 8 * 8, dtype="uint16").reshape(2, 8, 8)
     chunk = write_chunk(tmp_path, "1_1_1", (0, 8, 0, 8, 0, 2), volume, compression="zlib")
-    objects = {
-        "ds/info": (tmp_path / "info").read_bytes(),
-        "ds/1_1_1/0-8_0-8_0-2": chunk.read_bytes(),
-    }
+    key = "ds/1_1_1/0-8_0-8_0-2"
+    objects = {"ds/info": (tmp_path / "info").read_bytes(), key: chunk.read_bytes()}
     opened: list[str] = []
 
     class MemoryFile:
@@ -323,10 +321,7 @@ def test_a_store_of_imagery_is_one_class_of_three_methods(tmp_path: Path) -> Non
     source = ChunkSource(MemoryImagery())
     name = ChunkName(0, 8, 0, 8, 0, 2)
     answer = source.respond(["ds"], "1_1_1", name)
-    assert (
-        answer.body == volume.astype("<u2").tobytes()
-        and answer.etag == f'"{len(objects["ds/1_1_1/0-8_0-8_0-2"])}"'
-    )
+    assert answer.body == volume.astype("<u2").tobytes() and answer.etag == f'"{len(objects[key])}"'
     assert (
         source.respond(["ds"], "1_1_1", name, None, lambda etag: etag == answer.etag).body is None
     )
