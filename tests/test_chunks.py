@@ -265,7 +265,7 @@ def test_lru_cache_is_bounded_and_counts() -> None:
 def test_a_store_of_imagery_is_one_class_of_three_methods(tmp_path: Path) -> None:
     """An image store other than the data root (here: files held in memory, as an object
     store's would be) is the ``Imagery`` interface alone: ChunkSource serves from it, with
-    its ETag, and decodes and caches as it does from disk."""
+    its ETag and its 304s, decoding a zlib TIFF as it does from disk."""
     import io
     from collections.abc import Sequence
 
