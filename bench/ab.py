@@ -26,11 +26,12 @@ from chunks_bench import (  # noqa: E402
     BROWSER,
     free_port,
     make_volume,
+    nginx_config,
     run_wrk,
     wait_for,
     write_dataset,
 )
-from views_bench import nginx_config, tree_cpu_seconds, view_blocks, wait_for_workers  # noqa: E402
+from views_bench import tree_cpu_seconds, view_blocks, wait_for_workers  # noqa: E402
 
 
 def main() -> None:

@@ -147,7 +147,8 @@ def wait_for(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def start_nginx(root: Path, port: int, workers: int, tmp: Path) -> subprocess.Popen[bytes]:
+def nginx_config(root: Path, tmp: Path, plain_port: int, gzip_port: int, workers: int) -> Path:
+    """One nginx, two servers on the same files: sendfile, and sendfile plus gzip level 1."""
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
 worker_processes {workers};
@@ -167,12 +168,26 @@ http {{
     scgi_temp_path {tmp}/scgi;
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{plain_port};
         root {root};
+        location / {{ try_files $uri $uri.tiff =404; }}
+    }}
+    server {{
+        listen 127.0.0.1:{gzip_port};
+        root {root};
+        gzip on;
+        gzip_comp_level 1;
+        gzip_types application/octet-stream;
         location / {{ try_files $uri $uri.tiff =404; }}
     }}
 }}
 """)
+    return conf
+
+
+def start_nginx(root: Path, port: int, workers: int, tmp: Path) -> subprocess.Popen[bytes]:
+    """nginx serving ``root`` with sendfile on ``port`` (its gzip server on a spare port)."""
+    conf = nginx_config(root, tmp, port, free_port(), workers)
     return subprocess.Popen(["nginx", "-c", str(conf)])
 
 

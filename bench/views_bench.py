@@ -62,6 +62,7 @@ from chunks_bench import (  # noqa: E402 - the sibling module, found through the
     Result,
     free_port,
     make_volume,
+    nginx_config,
     rss_of_tree,
     run_wrk,
     wait_for,
@@ -124,44 +125,6 @@ def run_in_namespace(argv: list[str]) -> int:
 
 
 # --- the servers ----------------------------------------------------------------------------
-
-
-def nginx_config(root: Path, tmp: Path, plain_port: int, gzip_port: int, workers: int) -> Path:
-    """One nginx, two servers on the same files: sendfile, and sendfile plus gzip level 1."""
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-worker_processes {workers};
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 100000;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{plain_port};
-        root {root};
-        location / {{ try_files $uri $uri.tiff =404; }}
-    }}
-    server {{
-        listen 127.0.0.1:{gzip_port};
-        root {root};
-        gzip on;
-        gzip_comp_level 1;
-        gzip_types application/octet-stream;
-        location / {{ try_files $uri $uri.tiff =404; }}
-    }}
-}}
-""")
-    return conf
 
 
 @dataclass

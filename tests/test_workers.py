@@ -25,35 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.multihost_setup import alive, children_of
+
 from .support import write_chunk, write_info
 from .test_e2e import Twistd
 
 CHUNK = "/demo-brain/1_1_1/0-64_0-64_0-32"
-
-
-def children_of(pid: int) -> set[int]:
-    """The live (not zombie) child processes of ``pid``, from /proc."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (zombies count as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
