@@ -4,7 +4,8 @@ Each file is written to a temporary dot-file beside it and renamed over it, so a
 server, a later ``neurotrale-ingest --resume``) sees the old file or the complete new one,
 never a torn one; a writer killed part way leaves only its temporary, which
 :func:`is_temporary` recognises for a clean-up. The server's own annotation writes go through
-the commit protocol of the core instead (:mod:`neurotrale_twisted.core.commitlog`).
+the commit protocol of the core instead
+(:mod:`neurotrale_twisted.core.annotations.commitlog`).
 """
 
 from __future__ import annotations

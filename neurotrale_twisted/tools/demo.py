@@ -173,10 +173,7 @@ def write_demo(
     dataset = directory / name
     # The image pyramid is what neurotrale-ingest writes of this volume: the same info, chunk
     # files and downsampler (the 2x2x2 block mean rounded half up; a block at an odd edge is
-    # averaged over the voxels it holds, as the demo's own did). The demo's own rounded halves
-    # to even (numpy's round), so a voxel of 2_2_2 whose block mean is k + 0.5 with k even is
-    # now k + 1, not k, and 4_4_4 follows from 2_2_2; 1_1_1 is unchanged, and every scale
-    # the demo writes has even sizes.
+    # averaged over the voxels it holds).
     write_volume(dataset, microscopy_volume(DEMO_SIZE), LEVELS, CHUNK, VOXEL_SIZE, compression)
     write_annotations(dataset / "annotations", DEMO_SIZE, write_json=write_json)
     return dataset

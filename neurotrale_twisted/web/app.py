@@ -476,11 +476,11 @@ class Neurotrale:
         """Read, replace, upsert into or delete from one annotation file."""
         method = request.method
         segments = dataset.split("/")
-        _version_query(request)  # a bad ?version= is refused whatever else the query says
+        version = _version_query(request)  # a bad one is refused whatever else is asked
         if method in (b"GET", b"HEAD") and b"history" in _query_names(request):
             return await self._history_page(request, segments, block, name)
         if method in (b"GET", b"HEAD"):
-            return await self._read_annotation(request, segments, block, name)
+            return await self._read_annotation(request, segments, block, name, version)
         store = self.annotations
         if_match = _header(request, b"if-match")
         record_id = _query(request, b"id")
@@ -529,10 +529,10 @@ class Neurotrale:
         return page
 
     async def _read_annotation(
-        self, request: IRequest, segments: list[str], block: str, name: str
+        self, request: IRequest, segments: list[str], block: str, name: str, version: int | None
     ) -> bytes:
+        """The file's content, its ``?versions`` listing, or its ``?version=N``."""
         store = self.annotations
-        version = _version_query(request)
         want_list = b"versions" in _query_names(request)
 
         def read() -> Any:
