@@ -11,6 +11,7 @@ every record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import threading
@@ -242,3 +243,46 @@ def test_a_write_that_keeps_losing_races_is_503_and_leaves_nothing(
     last = max(int(n.split(".")[0]) for n in os.listdir(log) if not n.startswith("."))
     assert last == 2 + commitlog.MAX_ATTEMPTS
     assert json.loads(site.store.read(path).content) == [point("other"), point(str(last))]
+
+
+@contextlib.contextmanager
+def vanishing_once(
+    monkeypatch: pytest.MonkeyPatch, name: str, times: int = 1
+) -> Iterator[list[int]]:
+    """``fstat`` of a just-opened file called ``name`` fails with ``ENOENT`` ``times`` times,
+    as on a FUSE file system (bindfs) or NFS when another host renames a new copy over it
+    between its open and its status. Yields the list of the failures made."""
+    real_fstat = os.fstat
+    made: list[int] = []
+
+    def fstat(fd: int) -> os.stat_result:
+        try:
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            opened = ""
+        if len(made) < times and opened.endswith(f"/{name}"):
+            made.append(fd)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    yield made
+
+
+@pytest.mark.parametrize("times", [1, 3, 5])
+def test_a_published_copy_vanishing_as_it_is_opened_is_looked_at_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int
+) -> None:
+    """CI saw a PATCH answer 500 "No such file or directory" on two hosts over bindfs: the
+    published copy, renamed over by the other host, vanished between its open and its
+    fstat. A write and a read look again instead; no record is lost."""
+    site = Site(tmp_path)
+    path = site.locate("x0y0z0", write=True)
+    site.store.put(path, canonical([point("a")]))
+    with vanishing_once(monkeypatch, path.name, times) as made:
+        site.store.patch(path, canonical(point("b")), None)
+    assert len(made) == times
+    with vanishing_once(monkeypatch, path.name, times) as made:
+        assert json.loads(site.store.read(path).content) == [point("a"), point("b")]
+    assert len(made) == times
+    assert json.loads(path.read_bytes()) == [point("a"), point("b")]

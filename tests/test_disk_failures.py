@@ -219,6 +219,10 @@ def test_an_unprivileged_server_on_a_read_only_mount(public_dir: Path) -> None:
             check_writes_fail_cleanly(server.url, mounted)
         finally:
             server.stop()
+        # The operator's log has what the client is never told: where the call failed.
+        text = server.log.read_text()
+        assert "Traceback (most recent call last)" in text
+        assert "OSError: [Errno 30] Read-only file system" in text
     finally:
         unmount(mounted)
 

@@ -30,6 +30,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
@@ -42,6 +43,10 @@ _NOFOLLOW = os.O_NOFOLLOW
 #: O_NOFOLLOW), a file (ENOTDIR), or gone (ENOENT).
 _NOT_A_DIRECTORY = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}
 _NOT_A_FILE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO}
+#: errno values of an opened file that vanished under its opener (removed, renamed over;
+#: NFS: stale), and how often :meth:`Directory.open_entry` opens such a name again.
+VANISHED = frozenset({errno.ENOENT, errno.ESTALE})
+_REOPENS = 4
 
 #: How links may be followed: ``False`` never (writes, locks, temporaries, versions),
 #: :data:`INSIDE` when what the link leads to, resolved step by step from the root's handle,
@@ -247,22 +252,33 @@ class Directory:
         if before is None or not (stat.S_ISDIR(before.st_mode) or stat.S_ISREG(before.st_mode)):
             raise NotFound(f"{self.child_path(name)} is not a file or directory")
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow is True else _NOFOLLOW)
-        try:
-            fd = os.open(name, flags, dir_fd=self.fd)
-        except OSError as e:
-            if e.errno in _NOT_A_FILE:
-                raise NotFound(f"{self.child_path(name)} does not exist") from None
-            raise
-        try:
-            status = os.fstat(fd)
-            if stat.S_ISDIR(status.st_mode):
-                return Directory(fd, self.child_path(name), self.fs)
-            if not stat.S_ISREG(status.st_mode):
-                raise NotFound(f"{self.child_path(name)} is not a regular file")
-            return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)
-        except BaseException:
-            os.close(fd)
-            raise
+        for attempt in range(_REOPENS):
+            try:
+                fd = os.open(name, flags, dir_fd=self.fd)
+            except OSError as e:
+                if e.errno in _NOT_A_FILE:
+                    raise NotFound(f"{self.child_path(name)} does not exist") from None
+                raise
+            try:
+                status = os.fstat(fd)
+            except OSError as e:
+                os.close(fd)
+                # Renamed over (or removed) between the open and the fstat, as FUSE file
+                # systems and NFS can tell: what the name holds now is opened again.
+                if e.errno not in VANISHED or attempt == _REOPENS - 1:
+                    raise
+                time.sleep(0.001 * attempt)
+                continue
+            try:
+                if stat.S_ISDIR(status.st_mode):
+                    return Directory(fd, self.child_path(name), self.fs)
+                if not stat.S_ISREG(status.st_mode):
+                    raise NotFound(f"{self.child_path(name)} is not a regular file")
+                return OpenedFile(os.fdopen(fd, "rb", buffering=0), status)
+            except BaseException:
+                os.close(fd)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def read_file(self, name: str, *, follow: Follow = False) -> tuple[bytes, os.stat_result]:
         """The content and status of regular file ``name`` (see :meth:`open_file`)."""

@@ -12,6 +12,7 @@ import html
 import math
 import os
 import re
+import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO, ParamSpec, TypeVar
 from urllib.parse import quote, unquote, unquote_to_bytes
@@ -620,6 +621,9 @@ class Neurotrale:
         if status >= 500 or error.detail is not None:
             # The operator's side of it: for a 403 of permissions too, the path and the errno.
             message = error.message if error.detail is None else f"{error.message} ({error.detail})"
+            if status == 500 and error.__cause__ is not None:
+                # Where the system call failed, for the bug report a 500 deserves.
+                message += "\n" + "".join(traceback.format_exception(error.__cause__)).rstrip()
             emit = log.error if status >= 500 else log.warn
             emit("{method} {uri}: {message}", method=method, uri=uri, message=message)
         # Paths under the root become relative to it (error_response drops any other).

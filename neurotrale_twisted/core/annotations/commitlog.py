@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from neurotrale_twisted.core.errors import Forbidden, NotFound, ServerError
 from neurotrale_twisted.core.rootfs import (
     TEMPORARY_PREFIX,
+    VANISHED,
     Directory,
     Follow,
     OpenedFile,
@@ -65,10 +66,6 @@ MAX_ROLLS = 16
 STALE_AFTER = 600.0
 #: How long a writer waits for the same-host lock before going on without it.
 LOCK_TIMEOUT = 10.0
-
-
-#: errno values of a file that vanished under its reader (removed, renamed over; NFS: stale).
-VANISHED = frozenset({errno.ENOENT, errno.ESTALE})
 
 
 def read_whole(opened: OpenedFile) -> bytes | None:
@@ -356,8 +353,9 @@ class History:
         """
         for attempt in range(8):
             head, top = self._head()
-            published = self._published()
+            published: OpenedFile | None = None
             try:
+                published = self._published()
                 return self._decide(head, top, published)
             except OSError as e:
                 if e.errno not in VANISHED or attempt == 7:
