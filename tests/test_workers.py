@@ -17,6 +17,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,9 +126,14 @@ def test_every_worker_serves_and_a_killed_one_is_replaced(
             'neurotrale_http_requests_total{method="GET",route="chunk",status="200"}',
         )
         assert served == len(asked)  # every process's requests, summed
-        log = server.log.read_text()
+
+        # A worker's access-log lines reach the log within a tenth of a second, batched.
+        def logged(pid: int) -> Callable[[], Any]:
+            line = rf"\[worker-\d:{pid} [^]]*\] \"127\.0\.0\.1\" - - \["
+            return lambda: re.search(line, server.log.read_text())
+
         for pid in children:
-            assert re.search(rf"\[worker-\d:{pid} [^]]*\] \"127\.0\.0\.1\" - - \[", log)
+            wait_for(logged(pid), 2, f"worker {pid}'s access-log lines")
 
         victim = min(children)
         started = time.monotonic()
@@ -300,6 +306,44 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     )
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+def answering_processes(url: str, connections: int) -> Counter[str]:
+    """Open ``connections`` connections at once, as a browser or a benchmark does, then ask
+    one request on each: how many each process (its worker header) answered."""
+    host, port = url.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port)), timeout=30) for _ in range(connections)]
+    try:
+        time.sleep(0.2)  # every connection accepted by now, by whichever process took it
+        for s in sockets:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        answered: Counter[str] = Counter()
+        for s in sockets:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = s.recv(65536)
+                assert data, "the connection closed"
+                head += data
+            match = re.search(rb"(?im)^x-neurotrale-worker: (\d+);", head)
+            assert match, head
+            answered[match.group(1).decode()] += 1
+        return answered
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_connections_opened_at_once_are_shared_by_the_processes(
+    start: Callable[..., Twistd], demo_root: Path, tmp_path: Path
+) -> None:
+    """Every process accepts on the one socket; the first the kernel ran used to take all
+    the connections a client opened at once (32/0 to 20/12 between two processes), leaving
+    the other core idle for the whole view."""
+    server = start(demo_root, tmp_path / "server.log", workers=2)
+    for connections in (32, 6, 32):
+        answered = answering_processes(server.url, connections)
+        assert sorted(answered) == ["0", "1"], answered
+        assert min(answered.values()) >= connections // 4, answered
 
 
 def test_every_worker_serves_tls_with_the_same_certificate(

@@ -201,7 +201,8 @@ class AdoptedEndpoint:
     """The endpoint of a socket inherited from the parent.
 
     It listens once: in TLS when the socket is an ``ssl:`` endpoint's, and letting the port
-    accept only the connections ``admit`` allows (:func:`~.connections.guard_port`).
+    accept only the connections ``admit`` allows (:func:`~.connections.guard_port`), its
+    share of them (``held``: the connections this process has open).
     """
 
     def __init__(
@@ -210,11 +211,13 @@ class AdoptedEndpoint:
         reactor: IReactorSocket,
         admit: Callable[[], bool],
         clock: IReactorTime,
+        held: Callable[[], int] | None = None,
     ) -> None:
         self.shared = shared
         self.reactor = reactor
         self.admit = admit
         self.clock = clock
+        self.held = held
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Adopt the socket with ``factory``; the inherited descriptor is closed (the port
@@ -230,7 +233,7 @@ class AdoptedEndpoint:
             listening = endpoint.listen(factory)
 
         def guard(port: IListeningPort) -> IListeningPort:
-            guard_port(port, self.admit, self.clock)
+            guard_port(port, self.admit, self.clock, self.held)
             return port
 
         return listening.addCallback(guard)
@@ -245,5 +248,7 @@ def serve_inherited(
 ) -> None:
     """Add to ``top`` one listener per socket a worker inherited."""
     for shared in inherited.sockets:
-        endpoint = AdoptedEndpoint(shared, reactor, site.admit, clock)
+        endpoint = AdoptedEndpoint(
+            shared, reactor, site.admit, clock, lambda: site.open_connections
+        )
         StreamServerEndpointService(endpoint, site).setServiceParent(top)

@@ -49,7 +49,7 @@ from neurotrale_twisted.web.connections import (
 )
 from neurotrale_twisted.web.cors import CorsPolicy
 from neurotrale_twisted.web.metrics import MULTIPROCESS_ENV, ServerMetrics
-from neurotrale_twisted.web.serving import ServingSite
+from neurotrale_twisted.web.serving import AccessLogFile, ServingSite
 from neurotrale_twisted.web.site import HttpSettings
 
 log = Logger()
@@ -189,11 +189,16 @@ def connection_limit(options: Options, reactor: object, worker: int) -> int:
 
 
 def makeService(
-    options: Options, reactor: IReactorCore, worker: Inherited | None = None
+    options: Options,
+    reactor: IReactorCore,
+    worker: Inherited | None = None,
+    access_log: AccessLogFile | None = None,
 ) -> service.MultiService:
     """Build the server on ``reactor``: the thread pool, the application, one listener per
     ``--listen`` and, with ``--workers N`` over 1, the pool of N-1 worker processes; in a
     worker process (``worker``), the sockets it inherited instead.
+
+    The access log goes to ``access_log``, or else to this process's log.
 
     ``reactor`` must also provide ``IReactorTime``, ``IReactorFromThreads``,
     ``IReactorSocket`` and ``IReactorProcess``, as Twisted's reactors do (TypeError if not).
@@ -238,6 +243,7 @@ def makeService(
         metrics,
         worker=index,
         trust_proxy=bool(options["trust-proxy"]),
+        access_log=access_log,
     )
     # Stopping waits for the requests in flight before the thread pool stops.
     threads.drained = lambda: site.drain(clock, DRAIN_SECONDS)
@@ -247,7 +253,7 @@ def makeService(
             metrics.share(directory)
         serve_inherited(worker, site, top, IReactorSocket(reactor), clock)
     else:
-        endpoints = listen(options["listen"], site, top, clock)
+        endpoints = listen(options["listen"], site, top, clock, shared=options["workers"] > 1)
         if options["workers"] > 1:
             if options.arguments is None:
                 raise ValueError("worker processes need options parsed by parseOptions")

@@ -18,10 +18,16 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from twisted.internet import abstract, fdesc
-from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorFromThreads
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFDSet,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.python.failure import Failure
 
+from neurotrale_twisted.process.accesslines import BatchedAccessLog
 from neurotrale_twisted.process.adopted import Inherited
 from neurotrale_twisted.process.options import Options
 from neurotrale_twisted.process.service import makeService
@@ -67,7 +73,9 @@ def main(argv: Sequence[str]) -> None:
     options.parseOptions(arguments)
     # A worker has no workers of its own: its reserve of descriptors is a single process's.
     options["workers"] = 1
-    top = makeService(options, reactor, inherited)
+    top = makeService(
+        options, reactor, inherited, BatchedAccessLog(stdout, cast(IReactorTime, reactor))
+    )
     top.privilegedStartService()
 
     stopping: list[bool] = []

@@ -50,6 +50,7 @@ from twisted.logger import LogEvent, Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from neurotrale_twisted.process import accesslines
 from neurotrale_twisted.process.adopted import Inherited, SharedSocket
 from neurotrale_twisted.web.connections import guard_port
 from neurotrale_twisted.web.metrics import MULTIPROCESS_ENV, ServerMetrics
@@ -73,21 +74,31 @@ class _RecordingEndpoint:
     """An endpoint that remembers the port it listened on, to share it with the children."""
 
     def __init__(
-        self, endpoint: IStreamServerEndpoint, description: str, clock: IReactorTime
+        self,
+        endpoint: IStreamServerEndpoint,
+        description: str,
+        clock: IReactorTime,
+        shared: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.description = description
         self.clock = clock
+        self.shared_with_workers = shared
         self.port: IListeningPort | None = None
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        """Listen, keep the port, and let it admit only what the site admits."""
+        """Listen, keep the port, and let it admit only what the site admits (and, when
+        workers accept on it too, share its connections with them)."""
 
         def keep(port: IListeningPort) -> IListeningPort:
             self.port = port
             admit = getattr(factory, "admit", None)
             if admit is not None:
-                guard_port(port, admit, self.clock)
+                held = None
+                if self.shared_with_workers and isinstance(factory, ServingSite):
+                    site = factory
+                    held = lambda: site.open_connections  # noqa: E731
+                guard_port(port, admit, self.clock, held)
             return port
 
         return self.endpoint.listen(factory).addCallback(keep)
@@ -110,15 +121,20 @@ class _RecordingEndpoint:
 
 
 def listen(
-    descriptions: Sequence[str], site: ServingSite, top: service.MultiService, clock: IReactorTime
+    descriptions: Sequence[str],
+    site: ServingSite,
+    top: service.MultiService,
+    clock: IReactorTime,
+    shared: bool = False,
 ) -> list[_RecordingEndpoint]:
     """Add to ``top`` one listener per endpoint description (Twisted's ``strports``); the
-    endpoints returned remember their ports, for a :class:`WorkerPool` to share."""
+    endpoints returned remember their ports, for a :class:`WorkerPool` to share (say so
+    with ``shared``)."""
     endpoints = []
     for description in descriptions:
         listener = strports.service(description, site)
         assert isinstance(listener, StreamServerEndpointService)
-        endpoint = _RecordingEndpoint(listener.endpoint, description, clock)
+        endpoint = _RecordingEndpoint(listener.endpoint, description, clock, shared)
         listener.endpoint = endpoint
         listener.setServiceParent(top)
         endpoints.append(endpoint)
@@ -151,14 +167,16 @@ class WorkerProtocol(protocol.ProcessProtocol):
     def _relay(self, childFD: int, line: bytes) -> None:
         if not line.strip():
             return
-        text = line.decode("utf-8", "replace")
         event: LogEvent | None = None
         if childFD == 1:
-            try:
-                event = eventFromJSON(text)
-            except ValueError:
-                event = None
+            event = accesslines.decode(line)
+            if event is None:
+                try:
+                    event = eventFromJSON(line.decode("utf-8", "replace"))
+                except ValueError:
+                    event = None
         if not isinstance(event, dict):
+            text = line.decode("utf-8", "replace")
             event = {
                 "log_format": "{line}",
                 "line": text,

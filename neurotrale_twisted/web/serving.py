@@ -12,13 +12,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import LogEvent, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
@@ -31,6 +31,48 @@ log = Logger()
 
 #: The response header naming the worker process that answered.
 WORKER_HEADER = b"x-neurotrale-worker"
+#: The log namespace of the access log's lines.
+ACCESS_NAMESPACE = "neurotrale_twisted.web.access"
+
+
+class AccessLogFile(Protocol):
+    """Where a site writes its access log: what ``HTTPFactory.logFile`` may be."""
+
+    def write(self, data: str, /) -> object:
+        """Take one line (``\n``-terminated) of the access log."""
+
+    def close(self) -> None:
+        """Write out anything held back; the site logs no more after this."""
+
+
+def access_event(line: str, when: float) -> LogEvent:
+    """The log event of one access-log line (without its ``\n``), made at ``when``."""
+    return {
+        "log_format": "{log_text}",
+        "log_text": line,
+        "log_level": LogLevel.info,
+        "log_namespace": ACCESS_NAMESPACE,
+        "log_time": when,
+    }
+
+
+class PublishedAccessLog:
+    """The access log as events of the process's own log (twistd's log file or stdout).
+
+    Each line is one event, published straight to the log's observers: not through the
+    legacy ``log.msg`` bridge that Twisted's default ``log.logfile`` takes.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+
+    def write(self, data: str, /) -> object:
+        """Publish one line."""
+        globalLogPublisher(access_event(data.rstrip("\n"), self.clock.seconds()))
+        return None
+
+    def close(self) -> None:
+        """Nothing is held back."""
 
 
 class _ForwardedRequest:
@@ -90,12 +132,15 @@ class ServingSite(NeurotraleSite):
         *,
         worker: int = 0,
         trust_proxy: bool = False,
+        access_log: AccessLogFile | None = None,
         **kwargs: Any,
     ) -> None:
         formatter = trusted_proxy_log_formatter if trust_proxy else http.combinedLogFormatter
         super().__init__(resource, settings, logFormatter=formatter, **kwargs)
         self.metrics = metrics
         self.worker = worker
+        #: Where the access log goes: this process's log unless told otherwise.
+        self.access_log = access_log or PublishedAccessLog(self.reactor)
         #: Requests being answered now.
         self.active: set[server.Request] = set()
         #: The connections requests came on, while they are open.
@@ -105,6 +150,11 @@ class ServingSite(NeurotraleSite):
     def logPrefix(self) -> str:
         """The name in log lines such as "NeurotraleSite starting on 9000"."""
         return "NeurotraleSite"
+
+    def startFactory(self) -> None:
+        """Start Twisted's access logging, into :attr:`access_log`."""
+        super().startFactory()
+        self.logFile = self.access_log
 
     def getResourceFor(self, request: server.Request) -> IResource:
         """Start measuring ``request`` and tag its answer, then find its resource."""
