@@ -194,6 +194,10 @@ def test_sigterm_sends_the_answers_in_flight_then_stops_every_process(
     assert stopped < 10
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=2)
+    # The answer sent while the processes stopped is in the access log.
+    assert re.search(
+        r'"GET /big/1_1_1/0-1024_0-1024_0-16 HTTP/1\.1" 200 ', server.log.read_text()
+    ), server.log.read_text()[-3000:]
 
 
 def test_sigkill_of_the_parent_leaves_no_orphan_and_unix_sockets_are_shared(

@@ -73,9 +73,8 @@ def main(argv: Sequence[str]) -> None:
     options.parseOptions(arguments)
     # A worker has no workers of its own: its reserve of descriptors is a single process's.
     options["workers"] = 1
-    top = makeService(
-        options, reactor, inherited, BatchedAccessLog(stdout, cast(IReactorTime, reactor))
-    )
+    access_log = BatchedAccessLog(stdout, cast(IReactorTime, reactor))
+    top = makeService(options, reactor, inherited, access_log)
     top.privilegedStartService()
 
     stopping: list[bool] = []
@@ -113,5 +112,6 @@ def main(argv: Sequence[str]) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     # Everything is stopped and logged; skip the interpreter's slow teardown of numpy & co.
+    access_log.close()
     stdout.flush()
     os._exit(0)

@@ -151,10 +151,11 @@ class ServingSite(NeurotraleSite):
         """The name in log lines such as "NeurotraleSite starting on 9000"."""
         return "NeurotraleSite"
 
-    def startFactory(self) -> None:
-        """Start Twisted's access logging, into :attr:`access_log`."""
-        super().startFactory()
-        self.logFile = self.access_log
+    def log(self, request: http.Request) -> None:
+        """Write the access-log line of ``request`` to :attr:`access_log`: also while the
+        process stops (Twisted's own ``log`` stops with the listening ports, before the
+        answers in flight are sent)."""
+        self.access_log.write(self._logFormatter(self._logDateTime, request) + "\n")
 
     def getResourceFor(self, request: server.Request) -> IResource:
         """Start measuring ``request`` and tag its answer, then find its resource."""
