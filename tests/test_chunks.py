@@ -330,3 +330,93 @@ def test_a_store_of_imagery_is_one_class_of_three_methods(tmp_path: Path) -> Non
     with pytest.raises(NotFound):
         source.respond(["ds"], "1_1_1", ChunkName(8, 16, 0, 8, 0, 2))
     assert opened.count(key) == 2
+
+
+def counting_opens(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each time a chunk's dataset is opened (the walk from the root), one more item."""
+    opens: list[object] = []
+    real = RootImagery.open_dataset
+
+    def open_dataset(self: RootImagery, segments: list[str]) -> object:
+        opens.append(segments)
+        return real(self, segments)
+
+    monkeypatch.setattr(RootImagery, "open_dataset", open_dataset)
+    return opens
+
+
+def test_an_unchanged_chunk_is_answered_without_opening_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_info(tmp_path / "ds", (8, 8, 2))
+    ones = np.ones((2, 8, 8), "uint16")
+    path = write_chunk(tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), ones)
+    source = ChunkSource(DataRoot(tmp_path))
+    name = ChunkName(0, 8, 0, 8, 0, 2)
+    opens = counting_opens(monkeypatch)
+    first = source.respond(["ds"], "1_1_1", name)
+    for _ in range(3):
+        again = source.respond(["ds"], "1_1_1", name)
+        assert (again.body, again.etag) == (first.body, first.etag)
+    held = source.respond(["ds"], "1_1_1", name, None, lambda etag: etag == first.etag)
+    assert held.body is None and held.etag == first.etag
+    assert len(opens) == 1  # two stat calls answered the rest
+    # Rewritten in place with its size and mtime put back (``cp -p``): its ctime moved.
+    status = path.stat()
+    write_chunk(tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), ones * 7)
+    assert path.stat().st_size == status.st_size
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert source.respond(["ds"], "1_1_1", name).body == raw_of((ones * 7)[np.newaxis])
+    assert len(opens) == 2
+    # A new info is looked at again: the files are opened (here the answer is the same).
+    write_info(tmp_path / "ds", (16, 8, 2))
+    assert source.respond(["ds"], "1_1_1", name).body == raw_of((ones * 7)[np.newaxis])
+    assert len(opens) == 3
+    # A .tiff beside the .tif served so far is what the walk would pick: it is served.
+    os.rename(path, path.with_suffix(".tif"))
+    assert source.respond(["ds"], "1_1_1", name).body == raw_of((ones * 7)[np.newaxis])
+    write_chunk(tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), ones * 3)
+    assert source.respond(["ds"], "1_1_1", name).body == raw_of((ones * 3)[np.newaxis])
+    path.unlink()
+    path.with_suffix(".tif").unlink()
+    with pytest.raises(NotFound):
+        source.respond(["ds"], "1_1_1", name)
+
+
+def test_a_dataset_swapped_for_a_link_out_of_the_root_is_not_served_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick look follows links; it only ever finds the answer of the very files read
+    before. A dataset replaced by a link to a copy outside the root is walked again, and
+    refused, whatever the cache holds."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write_info(root / "ds", (8, 8, 2))
+    write_chunk(root / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"))
+    source = ChunkSource(DataRoot(root))
+    name = ChunkName(0, 8, 0, 8, 0, 2)
+    source.respond(["ds"], "1_1_1", name)
+    opens = counting_opens(monkeypatch)
+    (root / "ds").rename(outside)
+    (root / "ds").symlink_to(outside)
+    with pytest.raises(NotFound):
+        source.respond(["ds"], "1_1_1", name)
+    assert len(opens) == 1
+
+
+def test_a_chunk_file_moved_out_and_linked_back_is_not_served_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    write_info(root / "ds", (8, 8, 2))
+    path = write_chunk(root / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), np.ones((2, 8, 8), "uint16"))
+    name = ChunkName(0, 8, 0, 8, 0, 2)
+    strict, following = ChunkSource(DataRoot(root)), ChunkSource(DataRoot(root, True))
+    expected = strict.respond(["ds"], "1_1_1", name).body
+    assert following.respond(["ds"], "1_1_1", name).body == expected
+    moved = tmp_path / "moved.tiff"
+    path.rename(moved)
+    path.symlink_to(moved)
+    with pytest.raises(NotFound):
+        strict.respond(["ds"], "1_1_1", name)
+    # Under --follow-symlinks the operator lets reads through links: the same file is served.
+    assert following.respond(["ds"], "1_1_1", name).body == expected

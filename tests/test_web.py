@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -468,3 +469,52 @@ async def test_chunk_fast_path_answers_as_the_klein_route(demo_server: RunningSe
         assert answers[0] == answers[1], (method, url)
         if method == "GET" and status == 200 and headers == identity:
             assert answers[0][2] == expected_chunk(demo_server.root, CHUNK)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_chunks_are_answered_on_the_reactor_while_looks_are_fast(
+    serve: Callable[..., RunningServer], tmp_path: Path, logged: list[dict[str, Any]]
+) -> None:
+    write_info(tmp_path / "ds", (8, 8, 4), "uint16")
+    ones = np.ones((4, 8, 8), "uint16")
+    path = write_chunk(tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 4), ones)
+    server = serve(tmp_path)
+    app = server.app
+    on_pool: list[object] = []
+    respond = app.chunks.respond
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        on_pool.append(args)
+        return respond(*args, **kwargs)
+
+    app.chunks.respond = counted  # type: ignore[method-assign]
+    url = f"{server.url}/ds/1_1_1/0-8_0-8_0-4"
+
+    async def get(**headers: str) -> tuple[int, bytes, str | None]:
+        response = await treq.get(url, headers=headers)
+        return response.code, await treq.content(response), header(response, "etag")
+
+    first = await get()
+    assert first[0] == 200 and first[1] == raw_of(ones[np.newaxis]) and len(on_pool) == 1
+    assert await get() == first
+    assert (await get(**{"If-None-Match": first[2] or ""}))[0] == 304
+    assert len(on_pool) == 1  # answered on the reactor: no thread hand-off
+    # A changed file is seen at once (the look finds its new version) and read on the pool.
+    write_chunk(tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 4), ones * 2)
+    changed = await get()
+    assert changed[1] == raw_of((ones * 2)[np.newaxis]) and changed[2] != first[2]
+    assert len(on_pool) == 2
+    # A slow look (a loaded network file system) sends the looks to the pool for a while.
+    ticks = iter(range(0, 10**6, 10))
+    app.hits.timer = lambda: next(ticks) / 1000  # every look takes 10 ms
+    assert await get() == changed
+    assert len(on_pool) == 2  # that look still answered
+    warnings = [e for e in logged if "cached chunks are looked up on the thread pool" in str(e)]
+    assert len(warnings) == 1
+    assert await get() == changed and await get() == changed
+    assert len(on_pool) == 4
+    app.hits.paused_until = 0.0  # the pause is over
+    app.hits.timer = time.perf_counter
+    assert await get() == changed and len(on_pool) == 4
+    path.unlink()
+    assert (await get())[0] == 404

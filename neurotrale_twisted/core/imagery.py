@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Hashable, Sequence
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, BinaryIO, Protocol, cast, runtime_checkable
 
 from neurotrale_twisted.core.chunks.names import CHUNK_EXTENSIONS
 from neurotrale_twisted.core.errors import Forbidden, NotFound
@@ -79,6 +80,22 @@ class Imagery(Protocol):
     def open_dataset(self, segments: Sequence[str]) -> ImageDataset:
         """The dataset the validated path ``segments`` name; :class:`NotFound` when there is
         none, :class:`Forbidden` when the server may not read it."""
+
+
+@runtime_checkable
+class KnowsVersions(Protocol):
+    """What an :class:`Imagery` may offer besides (:class:`RootImagery` does): the versions
+    of a chunk's files without opening them, so that a cached answer is served at once."""
+
+    def versions_now(self, segments: Sequence[str], key: str, stem: str) -> Hashable | None:
+        """What identifies, now and cheaply, the versions of the dataset's ``info`` and of
+        the file of chunk ``stem`` of scale ``key``, as :meth:`ImageDataset.open_chunk` would
+        find it; None when that cannot be told cheaply (or something is missing).
+
+        Only ever compared with what it returned before the same files were opened and read
+        (:class:`~.chunks.source.ChunkSource` keeps what it answered under it): equal means
+        the files opened then are still the files there now. It never decides access.
+        """
 
 
 class _TiffStream(io.RawIOBase):
@@ -206,3 +223,41 @@ class RootImagery:
             return RootDataset(self.root, self.root.fs.open_dir(segments))
         except PermissionError:
             raise Forbidden("the server may not read this chunk") from None
+
+    def versions_now(self, segments: Sequence[str], key: str, stem: str) -> Hashable | None:
+        """A ``stat`` of the ``info``, of the chunk's file and of each directory on the way,
+        from the root's handle, instead of opening and closing each as the walk does.
+
+        Without ``--follow-symlinks``, a link anywhere on the way is None (the walk decides
+        each time): the files are looked at without following a link, then each directory,
+        so a dataset moved out of the root and linked back is never taken for the files
+        that were read while it was inside. With it, links are followed, as reads do.
+        """
+        if not key or not stem or not all(segments):
+            return None  # never a path from the file system's root
+        fs = self.root.fs
+        follow = fs.follow_symlinks
+        base = "".join(f"{segment}/" for segment in segments)
+        try:
+            info = fs.status_now(f"{base}info", follow=follow)
+            chunk = None
+            for ext in CHUNK_EXTENSIONS:
+                chunk = fs.status_now(f"{base}{key}/{stem}{ext}", follow=follow)
+                if chunk is not None:
+                    break
+            if info is None or chunk is None:
+                return None
+            if not (stat.S_ISREG(info.st_mode) and stat.S_ISREG(chunk.st_mode)):
+                return None
+            directories = []
+            walked = ""
+            for name in [*segments, key]:
+                walked += name
+                status = fs.status_now(walked, follow=follow)
+                if status is None or not stat.S_ISDIR(status.st_mode):
+                    return None
+                directories.append((status.st_dev, status.st_ino))
+                walked += "/"
+        except OSError:
+            return None  # a directory on the way the server may not search, say
+        return (file_version(info), ext, file_version(chunk), tuple(directories))

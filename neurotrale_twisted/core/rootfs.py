@@ -605,6 +605,24 @@ class RootFS:
         """
         return os.access(".", os.R_OK | os.X_OK, dir_fd=self._fd, effective_ids=True)
 
+    def status_now(self, path: str, *, follow: bool = False) -> os.stat_result | None:
+        """The status of what ``path`` (relative to the root, ``/``-separated, validated
+        names) is now; None when nothing is there.
+
+        One system call: the kernel resolves the directories on the way, through any link
+        among them; the last name's link is followed only with ``follow``. So it never
+        decides what may be read: it only tells whether what a walk opened before is still
+        there (see :meth:`~neurotrale_twisted.core.imagery.RootImagery.versions_now`, which
+        checks each directory on the way with a call of its own). Raises ``OSError`` for
+        anything but a missing name.
+        """
+        if path.startswith("/") or ".." in path.split("/"):
+            raise ValueError(f"not a path inside the root: {path!r}")
+        try:
+            return os.stat(path, dir_fd=self._fd, follow_symlinks=follow)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def root(self) -> Directory:
         """A new handle of the root directory itself."""
         return Directory(os.dup(self._fd), "", self)

@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,6 +46,7 @@ from neurotrale_twisted.core.static import Listing, find_static
 from neurotrale_twisted.web import docs, history
 from neurotrale_twisted.web.auth import WritePolicy, make_portal
 from neurotrale_twisted.web.cors import CorsPolicy
+from neurotrale_twisted.web.hits import ReactorHits
 from neurotrale_twisted.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from neurotrale_twisted.web.metrics import ServerMetrics
 from neurotrale_twisted.web.negotiation import (
@@ -339,6 +340,7 @@ class Neurotrale:
         self.reactor = reactor
         self.metrics = metrics or ServerMetrics()
         self.chunks = ChunkSource(root, cache_bytes=cache_bytes, observer=self.metrics)
+        self.hits = ReactorHits(self.chunks, IReactorTime(reactor))
         self.annotations = AnnotationStore(
             root, keep_versions=keep_versions, on_retry=self.metrics.commit_retried
         )
@@ -444,7 +446,11 @@ class Neurotrale:
         def client_has(etag: str) -> bool:
             return inm is not None and none_match(inm, etag)
 
-        answer = await self._in_thread(self.chunks.respond, segments, key, name, coding, client_has)
+        answer = self.hits.answer(segments, key, name, coding, client_has)
+        if answer is None:
+            answer = await self._in_thread(
+                self.chunks.respond, segments, key, name, coding, client_has
+            )
         request.setHeader(b"vary", b"Accept-Encoding")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"last-modified", http.datetimeToString(answer.modified))

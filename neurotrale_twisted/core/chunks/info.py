@@ -4,6 +4,7 @@ one of its scales."""
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,9 @@ class InfoCache:
     def __init__(self) -> None:
         self._entries: LruCache[dict[str, object]] = LruCache(4096)
 
-    def read(self, dataset: ImageDataset) -> tuple[dict[str, object], str]:
-        """The ``info`` of the open ``dataset`` as a dict, and where it is (for messages);
-        :class:`NotFound` when it has none.
+    def read(self, dataset: ImageDataset) -> tuple[dict[str, object], str, Hashable]:
+        """The ``info`` of the open ``dataset`` as a dict, where it is (for messages) and the
+        identity of the version read; :class:`NotFound` when it has none.
 
         Raises :class:`ServerError`, naming the file (its path, for the operator), when it
         is not a JSON object.
@@ -41,9 +42,10 @@ class InfoCache:
         info = dataset.open_info()
         try:
             label = info.label
-            cached = self._entries.get(info.identity)
+            identity = info.identity
+            cached = self._entries.get(identity)
             if cached is not None:
-                return cached, label
+                return cached, label, identity
             # Read no further than a limit: a sparse info of gigabytes costs its planter
             # nothing, and every chunk request would read it whole into memory.
             if info.size > MAX_INFO_BYTES:
@@ -57,8 +59,8 @@ class InfoCache:
                 raise ServerError(f"cannot read {label}: {e}") from e
             if not isinstance(parsed, dict):
                 raise ServerError(f"{label} is not a JSON object")
-            self._entries.put(info.identity, parsed)
-            return parsed, label
+            self._entries.put(identity, parsed)
+            return parsed, label, identity
         finally:
             info.close()
 

@@ -21,7 +21,7 @@ from neurotrale_twisted.core.chunks.names import ChunkName
 from neurotrale_twisted.core.chunks.tiff import RawLayout, decode_tiff, read_layout
 from neurotrale_twisted.core.encoding import encode_body
 from neurotrale_twisted.core.errors import ServerError
-from neurotrale_twisted.core.imagery import ImageFile, Imagery, RootImagery
+from neurotrale_twisted.core.imagery import ImageFile, Imagery, KnowsVersions, RootImagery
 from neurotrale_twisted.core.paths import DataRoot
 
 
@@ -39,6 +39,24 @@ class ChunkResponse:
 def tagged(etag: str, coding: str | None) -> str:
     """The ETag of the ``coding`` representation of a body whose identity ETag is ``etag``."""
     return etag if coding is None else f"{etag[:-1]}-{coding}{etag[-1]}"
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """What a chunk URL was answered from: its files' versions, and its answer's version."""
+
+    versions: Hashable
+    version: tuple[Hashable, ...]
+    etag: str
+    modified: float
+
+
+def _opened_are(now: Hashable, info: Hashable, chunk: Hashable) -> bool:
+    """Whether the files opened are those whose versions ``now`` (``RootImagery``'s) names:
+    else a file changed between the look and the open, and ``now`` must not vouch for it."""
+    if not isinstance(now, tuple) or len(now) != 4:
+        return False
+    return bool(now[0] == info and now[2] == chunk)
 
 
 class ChunkObserver(Protocol):
@@ -68,12 +86,17 @@ class ChunkSource:
         observer: ChunkObserver | None = None,
     ) -> None:
         self.imagery: Imagery = RootImagery(store) if isinstance(store, DataRoot) else store
+        self._knows = self.imagery if isinstance(self.imagery, KnowsVersions) else None
         self.observer = observer
         self.infos = InfoCache()
         self.responses: LruCache[tuple[bytes, str | None]] = LruCache(
             cache_bytes, lambda entry: len(entry[0]) + 200
         )
         self.layouts: LruCache[tuple[RawLayout | None]] = LruCache(16384)
+        #: What each chunk URL was last answered from: the versions of its files
+        #: (``KnowsVersions.versions_now``, taken before they were opened) and what the answer
+        #: depends on, so that a hit whose files are unchanged is found without opening them.
+        self.answered: LruCache[_Answered] = LruCache(16384)
 
     def respond(
         self,
@@ -91,17 +114,78 @@ class ChunkSource:
         scale or chunk, :class:`Forbidden` for one the server may not read, and
         :class:`ServerError` for a file that does not fit ``info``.
         """
+        where = (tuple(dataset), key, name.stem)
+        now = self._knows.versions_now(dataset, key, name.stem) if self._knows else None
+        if now is not None:
+            known = self.answered.get(where)
+            if known is not None and known.versions == now:
+                quick = self._respond_known(known, coding, client_has)
+                if quick is not None:
+                    return quick
+        return self._respond_opened(dataset, key, name, coding, client_has, where, now)
+
+    def respond_known(
+        self,
+        dataset: list[str],
+        key: str,
+        name: ChunkName,
+        coding: str | None = None,
+        client_has: Callable[[str], bool] | None = None,
+    ) -> ChunkResponse | None:
+        """:meth:`respond`'s answer when it needs no file opened (the files are unchanged
+        since the answer was cached, as a few ``stat`` calls tell), else None."""
+        if self._knows is None:
+            return None
+        known = self.answered.get((tuple(dataset), key, name.stem))
+        if known is None:
+            return None
+        if self._knows.versions_now(dataset, key, name.stem) != known.versions:
+            return None
+        return self._respond_known(known, coding, client_has)
+
+    def _respond_opened(
+        self,
+        dataset: list[str],
+        key: str,
+        name: ChunkName,
+        coding: str | None,
+        client_has: Callable[[str], bool] | None,
+        where: tuple[object, ...],
+        now: Hashable | None,
+    ) -> ChunkResponse:
+        """:meth:`respond` with the files opened; what it answered is remembered under
+        ``now``, the versions looked at before they were opened."""
         opened = self.imagery.open_dataset(dataset)
         try:
-            info, label = self.infos.read(opened)
+            info, label, info_identity = self.infos.read(opened)
             fmt = scale_format(info, key, label)
             file = opened.open_chunk(key, name.stem)
         finally:
             opened.close()
         try:
-            return self._respond(file, name, fmt, coding, client_has)
+            answer, version = self._respond(file, name, fmt, coding, client_has)
+            if now is not None and _opened_are(now, info_identity, file.identity):
+                self.answered.put(where, _Answered(now, version, file.etag, file.modified))
+            return answer
         finally:
             file.close()
+
+    def _respond_known(
+        self, known: _Answered, coding: str | None, client_has: Callable[[str], bool] | None
+    ) -> ChunkResponse | None:
+        """The answer for files unchanged since ``known`` was answered, if it needs no file
+        opened: a 304, or a body the response cache still holds."""
+        if client_has is not None:
+            for held in (tagged(known.etag, coding), known.etag):
+                if client_has(held):
+                    return ChunkResponse(None, None, held, known.modified)
+        cached = self.responses.get((*known.version, coding))
+        if cached is None:
+            return None
+        if self.observer is not None:
+            self.observer.chunk_cache(hit=True)
+        body, used = cached
+        return ChunkResponse(body, used, tagged(known.etag, used), known.modified)
 
     def _respond(
         self,
@@ -110,13 +194,9 @@ class ChunkSource:
         fmt: ScaleFormat,
         coding: str | None,
         client_has: Callable[[str], bool] | None,
-    ) -> ChunkResponse:
-        """:meth:`respond` for the chunk's open file."""
+    ) -> tuple[ChunkResponse, tuple[Hashable, ...]]:
+        """:meth:`respond` for the chunk's open file, and what its body depends on."""
         etag = file.etag
-        if client_has is not None:
-            for held in (tagged(etag, coding), etag):
-                if client_has(held):
-                    return ChunkResponse(None, None, held, file.modified)
         # What the body depends on: the file's version, and what the name and info ask of it.
         version: tuple[Hashable, ...] = (
             file.identity,
@@ -124,6 +204,10 @@ class ChunkSource:
             fmt.dtype.str,
             fmt.num_channels,
         )
+        if client_has is not None:
+            for held in (tagged(etag, coding), etag):
+                if client_has(held):
+                    return ChunkResponse(None, None, held, file.modified), version
         cached = self.responses.get((*version, coding))
         if self.observer is not None:
             self.observer.chunk_cache(hit=cached is not None)
@@ -135,7 +219,7 @@ class ChunkSource:
             cached = encode_body(raw_body, coding)
             self.responses.put((*version, coding), cached)
         body, used = cached
-        return ChunkResponse(body, used, tagged(etag, used), file.modified)
+        return ChunkResponse(body, used, tagged(etag, used), file.modified), version
 
     def _timed_raw(self, file: ImageFile, name: ChunkName, fmt: ScaleFormat) -> bytes:
         """:meth:`_raw`, its duration told to the observer."""
