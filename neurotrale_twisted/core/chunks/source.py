@@ -41,7 +41,7 @@ def tagged(etag: str, coding: str | None) -> str:
     return etag if coding is None else f"{etag[:-1]}-{coding}{etag[-1]}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Answered:
     """What a chunk URL was answered from: its files' versions, and its answer's version."""
 
@@ -96,7 +96,8 @@ class ChunkSource:
         #: What each chunk URL was last answered from: the versions of its files
         #: (``KnowsVersions.versions_now``, taken before they were opened) and what the answer
         #: depends on, so that a hit whose files are unchanged is found without opening them.
-        self.answered: LruCache[_Answered] = LruCache(16384)
+        #: (About 1.5 KB an entry; an answer the response cache let go is no use here.)
+        self.answered: LruCache[_Answered] = LruCache(4096)
 
     def respond(
         self,
