@@ -517,7 +517,12 @@ def inside(args: argparse.Namespace) -> None:
         with servers(data, tmp, args.workers, args.server_args.split()) as running:
             for name, port in running.ports.items():
                 if name != "haproxy":
-                    wait_for(f"http://127.0.0.1:{port}{paths[0]}")
+                    try:
+                        wait_for(f"http://127.0.0.1:{port}{paths[0]}")
+                    except RuntimeError:
+                        for log in sorted(tmp.glob("*.log")):
+                            print(f"--- {log.name}:\n{log.read_text()[-3000:]}", flush=True)
+                        raise RuntimeError(f"{name} on port {port} did not answer") from None
             wait_for_workers(tmp / "neurotrale.log", args.workers)
             sizes = {p: (data / (p.lstrip("/") + ".tiff")).stat().st_size for p in paths}
             voxels = dict.fromkeys(paths, chunk_bytes)
