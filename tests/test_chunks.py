@@ -377,6 +377,16 @@ def test_an_unchanged_chunk_is_answered_without_opening_its_files(
     assert source.respond(["ds"], "1_1_1", name).body == raw_of((ones * 7)[np.newaxis])
     write_chunk(tmp_path / "ds", "1_1_1", (0, 8, 0, 8, 0, 2), ones * 3)
     assert source.respond(["ds"], "1_1_1", name).body == raw_of((ones * 3)[np.newaxis])
+    # A directory on the way chmod-ed (the walk opens it: it needs read permission there,
+    # where the look needs search permission only) is walked again.
+    opened = len(opens)
+    assert source.respond(["ds"], "1_1_1", name).body == raw_of((ones * 3)[np.newaxis])
+    assert len(opens) == opened
+    for directory in (tmp_path / "ds", tmp_path / "ds" / "1_1_1"):
+        directory.chmod(0o751)
+        source.respond(["ds"], "1_1_1", name)
+        assert len(opens) == opened + 1
+        opened += 1
     path.unlink()
     path.with_suffix(".tif").unlink()
     with pytest.raises(NotFound):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.application import internet
@@ -118,6 +119,26 @@ def test_workers_and_trust_proxy(tmp_path: Path) -> None:
     listener = next(s for s in services if isinstance(s, internet.StreamServerEndpointService))
     assert isinstance(listener.factory, ServingSite)
     assert listener.factory._logFormatter is not trusted_proxy_log_formatter
+
+
+def test_only_a_parent_of_workers_never_looks_at_files_on_its_reactor(tmp_path: Path) -> None:
+    """The parent relays its workers' logs (a worker blocks once its pipe is full): its
+    reactor must never wait on a hung file system, so its cached chunks are looked up on
+    the thread pool. A single process and each worker look on the reactor."""
+    from neurotrale_twisted.process.adopted import Inherited
+    from neurotrale_twisted.web.app import ChunkRoutes
+
+    def hits_enabled(top: Any) -> bool:
+        listener = next(s for s in top if isinstance(s, internet.StreamServerEndpointService))
+        routes = listener.factory.resource.routes
+        assert isinstance(routes, ChunkRoutes)
+        return bool(routes.app.hits.enabled)
+
+    path = str(tmp_path)
+    assert not hits_enabled(makeService(parse("--path", path, "--workers", "2"), reactor))
+    assert hits_enabled(makeService(parse("--path", path, "--workers", "1"), reactor))
+    worker = Inherited.from_json('{"index": 1, "sockets": [{"fd": 3, "family": "INET"}]}')
+    assert hits_enabled(makeService(parse("--path", path, "--workers", "1"), reactor, worker))
 
 
 def test_what_the_core_logs_reaches_the_servers_log(

@@ -136,3 +136,36 @@ async def test_metrics_count_requests_bytes_latency_and_decoding(
     assert metric(text, "neurotrale_chunk_cache_hits_total") == 1
     assert metric(text, "neurotrale_chunk_cache_misses_total") == 1
     assert metric(text, "neurotrale_http_requests_in_flight") == 1  # this request
+
+
+def test_lines_logged_while_stopping_have_the_time_they_were_logged() -> None:
+    """Twisted stops updating the access log's date with the ports; the answers sent during
+    the drain after that are logged with their own time, not the time the ports stopped."""
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def write(self, data: str, /) -> object:
+            self.lines.append(data)
+            return None
+
+        def close(self) -> None:
+            pass
+
+    clock, lines = Clock(), Lines()
+    clock.advance(1764892800)  # 2025-12-05 00:00:00 UTC
+    site = ServingSite(Resource(), HttpSettings(), ServerMetrics(), access_log=lines, reactor=clock)
+    site.startFactory()
+    request = DummyRequest([b""])
+    request.method, request.uri, request.clientproto = b"GET", b"/x", b"HTTP/1.1"
+    request.code, request.sentLength = 200, 1
+    request.client = IPv4Address("TCP", "10.0.0.2", 5555)
+    site.log(request)
+    site.stopFactory()
+    clock.advance(7)
+    site.log(request)
+    assert "[05/Dec/2025:00:00:00 +0000]" in lines.lines[0]
+    assert "[05/Dec/2025:00:00:07 +0000]" in lines.lines[1]

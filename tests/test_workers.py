@@ -507,10 +507,38 @@ class SharedEndpoint:
 
     description = "tcp:9000"
 
+    def __init__(self) -> None:
+        self.turns_taken = 0
+
     def shared(self, fd: int) -> Any:
         from neurotrale_twisted.process.adopted import SharedSocket
 
         return 42, SharedSocket(fd, "INET")
+
+    def share_with_workers(self) -> None:
+        self.turns_taken += 1  # the parent takes turns accepting with the workers
+
+
+class UnsharedEndpoint(SharedEndpoint):
+    """A listener of a kind workers cannot adopt: the parent serves it alone."""
+
+    description = "other:9001"
+
+    def shared(self, fd: int) -> Any:
+        return None
+
+
+def test_only_the_ports_the_workers_share_take_turns() -> None:
+    from twisted.internet.task import Clock
+
+    from neurotrale_twisted.process.workers import WorkerPool
+
+    shared, alone = SharedEndpoint(), UnsharedEndpoint()
+    pool = WorkerPool(
+        1, ("--path", "/srv"), [alone, shared], CountingMetrics(), FakeProcessReactor(), Clock()
+    )
+    pool.startService()
+    assert (shared.turns_taken, alone.turns_taken) == (1, 0)
 
 
 class CountingMetrics:

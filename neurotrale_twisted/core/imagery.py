@@ -256,7 +256,10 @@ class RootImagery:
                 status = fs.status_now(walked, follow=follow)
                 if status is None or not stat.S_ISDIR(status.st_mode):
                     return None
-                directories.append((status.st_dev, status.st_ino))
+                # Its ctime too: a chmod, chown or ACL that the walk (which opens each
+                # directory, needing read permission where this needs search) would now
+                # refuse changes it.
+                directories.append((status.st_dev, status.st_ino, status.st_ctime_ns))
                 walked += "/"
         except OSError:
             return None  # a directory on the way the server may not search, say

@@ -237,7 +237,9 @@ class Directory:
         status of what was opened decides, so a name swapped between the two meanwhile cannot
         be mistaken. A link is followed only as ``follow`` allows. Raises :class:`NotFound`
         for a missing name, a link that may not be followed, and anything else (a FIFO, socket
-        or device is not even opened, and would be opened with ``O_NONBLOCK``).
+        or device is not even opened, and would be opened with ``O_NONBLOCK``). A file that
+        vanishes between its open and its ``fstat`` (renamed over by another host, on FUSE
+        or NFS) is opened again, up to :data:`_REOPENS` times, then its ``OSError`` raised.
         """
         _check_name(name)
         before = self.lstat(name) if follow is not True else self.stat(name, follow=True)
@@ -614,7 +616,8 @@ class RootFS:
         decides what may be read: it only tells whether what a walk opened before is still
         there (see :meth:`~neurotrale_twisted.core.imagery.RootImagery.versions_now`, which
         checks each directory on the way with a call of its own). Raises ``OSError`` for
-        anything but a missing name.
+        anything but a missing name, and ``ValueError`` for a path that is absolute or has
+        a ``..`` (the callers' names are validated: that is a bug).
         """
         if path.startswith("/") or ".." in path.split("/"):
             raise ValueError(f"not a path inside the root: {path!r}")

@@ -228,6 +228,8 @@ def makeService(
         htpasswd=options["htpasswd"],
         auth_reads=bool(options["auth-reads"]),
     )
+    # The parent of workers relays their logs: its reactor never waits on the disk.
+    app.hits.enabled = worker is not None or options["workers"] <= 1
     settings = HttpSettings(
         cors=cors,
         max_body=options["max-body"] * 1024 * 1024,
@@ -253,7 +255,7 @@ def makeService(
             metrics.share(directory)
         serve_inherited(worker, site, top, IReactorSocket(reactor), clock)
     else:
-        endpoints = listen(options["listen"], site, top, clock, shared=options["workers"] > 1)
+        endpoints = listen(options["listen"], site, top, clock)
         if options["workers"] > 1:
             if options.arguments is None:
                 raise ValueError("worker processes need options parsed by parseOptions")

@@ -5,12 +5,14 @@ its listening sockets, :class:`~neurotrale_twisted.process.adopted.Inherited`) a
 command-line options, which it parses with the same
 :class:`~neurotrale_twisted.process.options.Options` (their checks and defaults included). It builds
 the same application, serves on the inherited sockets, and logs JSON lines on its stdout for
-the parent to relay. It stops on SIGTERM, after answering the requests it is busy with, and
-when its stdin (a pipe from the parent) closes, so none outlives a killed parent.
+the parent to relay (its access-log lines in batches, :mod:`.accesslines`). It stops on
+SIGTERM, after answering the requests it is busy with, and when its stdin (a pipe from the
+parent) closes, so none outlives a killed parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -112,6 +114,7 @@ def main(argv: Sequence[str]) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     # Everything is stopped and logged; skip the interpreter's slow teardown of numpy & co.
-    access_log.close()
-    stdout.flush()
+    with contextlib.suppress(OSError):  # the parent is gone: nobody reads what is left
+        access_log.close()
+        stdout.flush()
     os._exit(0)

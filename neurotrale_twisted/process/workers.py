@@ -16,8 +16,9 @@ once if it had run :attr:`WorkerPool.threshold` seconds, else after 1, 2, 4, ...
 :attr:`WorkerPool.kill_after` seconds, and waits until every one has exited. A stopped pool
 starts again.
 
-Workers log JSON lines on their stdout; the parent re-emits each event into its own log
-(twistd's log file or stdout, and ``$PRECOMPUTED_LOGGING``) tagged ``worker-I:PID``.
+Workers log JSON lines on their stdout, and their access-log lines in batches
+(:mod:`.accesslines`); the parent re-emits each event into its own log (twistd's log file or
+stdout, and ``$PRECOMPUTED_LOGGING``) tagged ``worker-I:PID``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from zope.interface import implementer
 
 from neurotrale_twisted.process import accesslines
 from neurotrale_twisted.process.adopted import Inherited, SharedSocket
-from neurotrale_twisted.web.connections import guard_port
+from neurotrale_twisted.web.connections import guard_port, share_accepts
 from neurotrale_twisted.web.metrics import MULTIPROCESS_ENV, ServerMetrics
 from neurotrale_twisted.web.serving import ServingSite
 
@@ -78,30 +79,32 @@ class _RecordingEndpoint:
         endpoint: IStreamServerEndpoint,
         description: str,
         clock: IReactorTime,
-        shared: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.description = description
         self.clock = clock
-        self.shared_with_workers = shared
         self.port: IListeningPort | None = None
+        self.factory: IProtocolFactory | None = None
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        """Listen, keep the port, and let it admit only what the site admits (and, when
-        workers accept on it too, share its connections with them)."""
+        """Listen, keep the port, and let it admit only what the site admits."""
 
         def keep(port: IListeningPort) -> IListeningPort:
             self.port = port
+            self.factory = factory
             admit = getattr(factory, "admit", None)
             if admit is not None:
-                held = None
-                if self.shared_with_workers and isinstance(factory, ServingSite):
-                    site = factory
-                    held = lambda: site.open_connections  # noqa: E731
-                guard_port(port, admit, self.clock, held)
+                guard_port(port, admit, self.clock)
             return port
 
         return self.endpoint.listen(factory).addCallback(keep)
+
+    def share_with_workers(self) -> None:
+        """Take this process's share of the port's new connections, the workers that adopt
+        it taking theirs (:func:`~neurotrale_twisted.web.connections.share_accepts`)."""
+        site = self.factory
+        if self.port is not None and isinstance(site, ServingSite):
+            share_accepts(self.port, lambda: site.open_connections, self.clock)
 
     def shared(self, fd: int) -> tuple[int, SharedSocket] | None:
         """The parent's descriptor of the port and how a child adopts it as ``fd``, or None
@@ -121,20 +124,15 @@ class _RecordingEndpoint:
 
 
 def listen(
-    descriptions: Sequence[str],
-    site: ServingSite,
-    top: service.MultiService,
-    clock: IReactorTime,
-    shared: bool = False,
+    descriptions: Sequence[str], site: ServingSite, top: service.MultiService, clock: IReactorTime
 ) -> list[_RecordingEndpoint]:
     """Add to ``top`` one listener per endpoint description (Twisted's ``strports``); the
-    endpoints returned remember their ports, for a :class:`WorkerPool` to share (say so
-    with ``shared``)."""
+    endpoints returned remember their ports, for a :class:`WorkerPool` to share."""
     endpoints = []
     for description in descriptions:
         listener = strports.service(description, site)
         assert isinstance(listener, StreamServerEndpointService)
-        endpoint = _RecordingEndpoint(listener.endpoint, description, clock, shared)
+        endpoint = _RecordingEndpoint(listener.endpoint, description, clock)
         listener.endpoint = endpoint
         listener.setServiceParent(top)
         endpoints.append(endpoint)
@@ -158,7 +156,8 @@ class WorkerProtocol(protocol.ProcessProtocol):
         log.info("worker {index} started, pid {pid}", index=self.index, pid=self.pid)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        """Relay each complete line of the child's stdout (JSON events) or stderr (text)."""
+        """Relay each complete line of the child's stdout (JSON events, batched access-log
+        lines) or stderr (text)."""
         lines = (self._partial.get(childFD, b"") + data).split(b"\n")
         self._partial[childFD] = lines.pop()
         for line in lines:
@@ -209,6 +208,9 @@ class SharedListener(Protocol):
 
     def shared(self, fd: int) -> tuple[int, SharedSocket] | None:
         """The parent's descriptor and how a worker adopts it as ``fd``; None if it cannot."""
+
+    def share_with_workers(self) -> None:
+        """Take the parent's share of the new connections, the workers taking theirs."""
 
 
 @dataclass
@@ -284,6 +286,7 @@ class WorkerPool(service.Service):
             parent_fd, socket_info = shared
             self._child_fds[socket_info.fd] = parent_fd
             sockets.append(socket_info)
+            endpoint.share_with_workers()
         if not sockets:
             log.warn("no listening socket can be shared: the parent process serves alone")
             return

@@ -155,7 +155,10 @@ class ServingSite(NeurotraleSite):
         """Write the access-log line of ``request`` to :attr:`access_log`: also while the
         process stops (Twisted's own ``log`` stops with the listening ports, before the
         answers in flight are sent)."""
-        self.access_log.write(self._logFormatter(self._logDateTime, request) + "\n")
+        when = self._logDateTime
+        if self._logDateTimeCall is None:  # stopped with the ports: no longer updated
+            when = http.datetimeToLogString(self.reactor.seconds())
+        self.access_log.write(self._logFormatter(when, request) + "\n")
 
     def getResourceFor(self, request: server.Request) -> IResource:
         """Start measuring ``request`` and tag its answer, then find its resource."""

@@ -113,7 +113,9 @@ class ChunkSource:
         ``client_has`` is asked about the ETags of the file's current representations; when it
         holds one, the answer has no body. Raises :class:`NotFound` for a missing dataset,
         scale or chunk, :class:`Forbidden` for one the server may not read, and
-        :class:`ServerError` for a file that does not fit ``info``.
+        :class:`ServerError` for a file that does not fit ``info``. An answer still cached
+        for files whose versions (:class:`KnowsVersions`) have not changed since, their
+        directories' modes and owners included, is given without opening them.
         """
         where = (tuple(dataset), key, name.stem)
         now = self._knows.versions_now(dataset, key, name.stem) if self._knows else None
