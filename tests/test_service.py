@@ -163,3 +163,15 @@ def test_what_the_core_logs_reaches_the_servers_log(
             "went on without the lock of a file after 10.0 s",
         )
     ]
+
+
+def test_the_c_allocator_keeps_two_arenas() -> None:
+    """glibc takes the limit (``mallopt`` answers 1); the memory it saves is measured in
+    ``bench/views_bench.py`` (RSS per process after 100 connections)."""
+    import platform
+
+    from neurotrale_twisted.process.service import limit_malloc_arenas
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's M_ARENA_MAX is glibc's")
+    assert limit_malloc_arenas()
