@@ -286,3 +286,31 @@ def test_a_published_copy_vanishing_as_it_is_opened_is_looked_at_again(
         assert json.loads(site.store.read(path).content) == [point("a"), point("b")]
     assert len(made) == times
     assert json.loads(path.read_bytes()) == [point("a"), point("b")]
+
+
+def test_a_head_entry_that_cannot_be_read_for_a_moment_is_never_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The multihost storm lost an If-Match update once: on bindfs, a log entry another
+    writer had just linked could not be read for a moment (its ``fstat`` said ENOENT), the
+    state fell back to the entry before it, and the write, its number being free, committed
+    on content that lacked the newest change. The head is looked at again instead."""
+    site = Site(tmp_path)
+    path = site.locate("x0y0z0", write=True)
+    site.store.put(path, canonical([point("a")]))
+    site.store.patch(path, canonical(point("b")), None)
+    before = site.store.read(path).etag
+    # Another host's writer committed entry 3 and has not published it yet.
+    commit_by_hand(path, 3, [point("a"), point("b"), point("x")])
+    with vanishing_once(monkeypatch, "3.json", times=5) as made:
+        site.store.patch(path, canonical(point("c")), None)
+    assert len(made) == 5
+    assert [r["id"] for r in json.loads(path.read_bytes())] == ["a", "b", "x", "c"]
+    # An If-Match based on the content before entry 3 is refused, entry 3 unreadable or not.
+    commit_by_hand(path, 5, [point("y")])
+    with (
+        vanishing_once(monkeypatch, "5.json", times=5),
+        pytest.raises(store_module.PreconditionFailed),
+    ):
+        site.store.put(path, canonical([point("z")]), if_match=before)
+    assert [r["id"] for r in json.loads(site.store.read(path).content)] == ["y"]

@@ -384,6 +384,13 @@ class History:
             entry = _open_regular(self.log, f"{number}.json")
             if entry is not None:
                 break
+            if self._is_regular_entry(number):
+                # There, but it could not be opened or its status read: on FUSE file systems
+                # that map nodes to paths, a new entry linked from another writer's temporary
+                # can look vanished for a moment. Building on an older entry would drop this
+                # one's change (its number is taken, so the commit would not lose a race):
+                # look again.
+                raise OSError(errno.ESTALE, "a log entry could not be read")
             number -= 1
         try:
             if entry is None:
@@ -412,6 +419,13 @@ class History:
         finally:
             if entry is not None:
                 entry.close()
+
+    def _is_regular_entry(self, number: int) -> bool:
+        """Whether log entry ``number`` is there now as a regular file."""
+        if self.log is None:
+            return False
+        status = self.log.lstat(f"{number}.json")
+        return status is not None and stat.S_ISREG(status.st_mode)
 
     def _copied_entry(self, status: os.stat_result) -> int | None:
         """The number of the log entry or version that a file with ``status`` is the server's
