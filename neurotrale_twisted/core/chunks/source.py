@@ -121,8 +121,10 @@ class ChunkSource:
         now = self._knows.versions_now(dataset, key, name.stem) if self._knows else None
         if now is not None:
             known = self.answered.get(where)
-            if known is not None and known.versions == now:
-                quick = self._respond_known(known, coding, client_has)
+            if known is not None:
+                quick = self._respond_known(
+                    known, coding, client_has, lambda: known.versions == now
+                )
                 if quick is not None:
                     return quick
         return self._respond_opened(dataset, key, name, coding, client_has, where, now)
@@ -137,14 +139,15 @@ class ChunkSource:
     ) -> ChunkResponse | None:
         """:meth:`respond`'s answer when it needs no file opened (the files are unchanged
         since the answer was cached, as a few ``stat`` calls tell), else None."""
-        if self._knows is None:
-            return None
+        knows = self._knows
         known = self.answered.get((tuple(dataset), key, name.stem))
-        if known is None:
+        if knows is None or known is None:
             return None
-        if self._knows.versions_now(dataset, key, name.stem) != known.versions:
-            return None
-        return self._respond_known(known, coding, client_has)
+
+        def unchanged() -> bool:
+            return knows.versions_now(dataset, key, name.stem) == known.versions
+
+        return self._respond_known(known, coding, client_has, unchanged)
 
     def _respond_opened(
         self,
@@ -174,16 +177,21 @@ class ChunkSource:
             file.close()
 
     def _respond_known(
-        self, known: _Answered, coding: str | None, client_has: Callable[[str], bool] | None
+        self,
+        known: _Answered,
+        coding: str | None,
+        client_has: Callable[[str], bool] | None,
+        unchanged: Callable[[], bool],
     ) -> ChunkResponse | None:
         """The answer for files unchanged since ``known`` was answered, if it needs no file
-        opened: a 304, or a body the response cache still holds."""
+        opened: a 304, or a body the response cache still holds. ``unchanged`` (the look at
+        the files) is asked only when there is such an answer: a miss costs no ``stat``."""
         if client_has is not None:
             for held in (tagged(known.etag, coding), known.etag):
                 if client_has(held):
-                    return ChunkResponse(None, None, held, known.modified)
+                    return ChunkResponse(None, None, held, known.modified) if unchanged() else None
         cached = self.responses.get((*known.version, coding))
-        if cached is None:
+        if cached is None or not unchanged():
             return None
         if self.observer is not None:
             self.observer.chunk_cache(hit=True)
